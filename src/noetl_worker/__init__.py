@@ -1,0 +1,5 @@
+"""noetl-worker: the NoETL worker on Trio structured concurrency."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""The one small protocol every tool kind implements, and the values it exchanges.
+
+A tool is an async function ``run(config, ctx) -> ToolResult`` living in its own module under
+``noetl_worker.tools``. It runs on the trio thread and must never block it (run blocking
+libraries with ``trio.to_thread.run_sync`` or in a subprocess). ``dispatch`` puts a trio
+deadline around it (the tool's ``timeout`` or the worker cap, whichever is smaller); on expiry
+the tool is cancelled and the command reports status ``timeout``, so tools only need to be
+cancellable, not to implement the deadline themselves.
+
+Outcomes:
+- return ``ToolResult(status="success" | "error" | "timeout", ...)`` → ``call.done``
+  (a non-2xx HTTP answer or a non-zero exit is a *result* with status ``error``);
+- raise ``ToolConfigError(kind, field, problem)`` for invalid configuration, ``ToolError`` when
+  the tool could not run at all → ``call.error`` + ``command.failed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+ToolStatus = Literal["success", "error", "timeout"]
+TOOL_STATUSES: tuple[ToolStatus, ...] = ("success", "error", "timeout")
+
+
+@attrs.frozen
+class ToolResult:
+    """What a tool returns; serialised into ``call.done`` as upstream's ToolResult."""
+
+    status: ToolStatus
+    data: Any = None
+    error: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+    exit_code: int | None = None
+    duration_ms: int | None = None
+    pending_callback: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """Upstream's shape: absent fields omitted, never null."""
+        out: dict[str, Any] = {"status": self.status}
+        if self.data is not None:
+            out["data"] = self.data
+        for key in ("error", "stdout", "stderr", "exit_code", "duration_ms"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.pending_callback:
+            out["pending_callback"] = True
+        return out
+
+
+class ServerAPI(Protocol):
+    """The control-plane calls a tool may make, bound to the command's ``server_url``.
+
+    Paths start with ``/api/``. Non-2xx answers raise ``errors.HTTPStatusError`` (with
+    ``.status``, ``.body``, ``.retryable``); no answer raises ``errors.TransportError``.
+    Bodies are JSON; ``None`` is returned for an empty body.
+    """
+
+    async def get_json(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any: ...
+
+    async def post_json(self, path: str, body: Any) -> Any: ...
+
+    async def put_json(self, path: str, body: Any) -> Any: ...
+
+
+T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class ToolResources:
+    """Long-lived resources tools share across commands (connection pools, a warm python
+    interpreter, ...). Created lazily on first use, closed once when the worker shuts down."""
+
+    _items: dict[str, Any] = attrs.field(factory=dict)
+    _closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list)
+    _locks: dict[str, trio.Lock] = attrs.field(factory=dict)
+
+    async def get_or_create(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[T]],
+        close: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        if key in self._items:
+            return self._items[key]  # type: ignore[no-any-return]
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            if key not in self._items:
+                item = await factory()
+                self._items[key] = item
+                if close is not None:
+                    self._closers.append(lambda: close(item))
+        return self._items[key]  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Close everything, newest first; one failing closer does not stop the others."""
+        closers, self._closers = self._closers[::-1], []
+        self._items.clear()
+        with trio.CancelScope(shield=True):
+            for closer in closers:
+                try:
+                    await closer()
+                except Exception:  # noqa: BLE001 - shutdown must go on
+                    import logging
+
+                    logging.getLogger(__name__).exception("closing a tool resource failed")
+
+
+@asynccontextmanager
+async def _no_release() -> AsyncIterator[None]:
+    yield
+
+
+@attrs.frozen
+class ToolContext:
+    """Everything a tool may know about the command it runs."""
+
+    execution_id: int
+    step: str
+    command_id: str
+    worker_id: str
+    server_url: str
+    variables: Mapping[str, Any]
+    secrets: Mapping[str, str]
+    server: ServerAPI
+    resources: ToolResources
+    settings: Settings
+    attempts: int = 0
+    # ``async with ctx.release_slot():`` gives the execution slot back while the tool only
+    # waits on the server (DESIGN.md §4.10) and takes one again on exit.
+    release_slot: Callable[[], AbstractAsyncContextManager[None]] = _no_release
+
+
+ToolFunction = Callable[[Mapping[str, Any], ToolContext], Awaitable[ToolResult]]

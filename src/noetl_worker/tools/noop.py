@@ -1,0 +1,14 @@
+"""``noop``: returns its ``result`` (or ``{"status": "ok", "message": …}``) without doing anything."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import ToolContext, ToolResult
+
+
+async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
+    if "result" in config and config["result"] is not None:
+        return ToolResult("success", data=config["result"])
+    return ToolResult("success", data={"status": "ok", "message": config.get("message")})
