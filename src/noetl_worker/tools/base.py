@@ -115,6 +115,10 @@ class ToolResources:
                     logging.getLogger(__name__).exception("closing a tool resource failed")
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 @asynccontextmanager
 async def _no_release() -> AsyncIterator[None]:
     yield
@@ -138,6 +142,10 @@ class ToolContext:
     # ``async with ctx.release_slot():`` gives the execution slot back while the tool only
     # waits on the server (DESIGN.md §4.10) and takes one again on exit.
     release_slot: Callable[[], AbstractAsyncContextManager[None]] = _no_release
+    # ``ctx.render(obj)`` renders Jinja templates inside ``obj`` (str / list / dict, recursively)
+    # against ``variables``; a bare ``{{ name }}`` yields the object itself, not its string form.
+    # Bound by dispatch to ``templating.render``; identity where no templating is wanted.
+    render: Callable[[Any], Any] = _identity
 
 
 ToolFunction = Callable[[Mapping[str, Any], ToolContext], Awaitable[ToolResult]]
