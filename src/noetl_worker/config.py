@@ -328,9 +328,7 @@ def _filter_subjects(env: Env, subject: str, pool: str) -> tuple[str, ...]:
         for s in subjects:
             tokens = s.split(".")
             if any(not t or " " in t for t in tokens) or ">" in tokens[:-1]:
-                raise ConfigError(
-                    "NATS_FILTER_SUBJECT", explicit, "NATS subjects separated by commas"
-                )
+                raise ConfigError("NATS_FILTER_SUBJECT", explicit, "NATS subjects separated by commas")
         return subjects
     if pool == "default":
         # The Python server publishes on the bare subject unless its routing flag is on, the
@@ -396,8 +394,15 @@ def _log_level(env: Env) -> str:
         return "info"
     # RUST_LOG is honoured as an alias: a `noetl_worker=<level>` directive wins, else the bare
     # default level; other crates' directives mean nothing here and are ignored.
-    levels = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning",
-              "warning": "warning", "error": "error", "off": "critical"}
+    levels = {
+        "trace": "debug",
+        "debug": "debug",
+        "info": "info",
+        "warn": "warning",
+        "warning": "warning",
+        "error": "error",
+        "off": "critical",
+    }
     bare: str | None = None
     for directive in rust_log.split(","):
         target, sep, level = directive.strip().rpartition("=")

@@ -11,7 +11,15 @@ import importlib
 from ..errors import ToolError
 from .base import ToolContext, ToolFunction, ToolResources, ToolResult
 
-__all__ = ["ToolContext", "ToolFunction", "ToolResources", "ToolResult", "kinds", "register", "resolve"]
+__all__ = [
+    "ToolContext",
+    "ToolFunction",
+    "ToolResources",
+    "ToolResult",
+    "kinds",
+    "register",
+    "resolve",
+]
 
 _BUILTIN: dict[str, str] = {
     "noop": "noetl_worker.tools.noop",
@@ -38,6 +46,6 @@ def resolve(kind: str) -> ToolFunction:
     if module_name is None:
         raise ToolError(f"Tool not found: {kind} (known kinds: {', '.join(kinds())})")
     module = importlib.import_module(module_name)
-    function = module.run
-    _loaded[kind] = function
-    return function
+    loaded: ToolFunction = module.run
+    _loaded[kind] = loaded
+    return loaded

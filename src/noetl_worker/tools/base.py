@@ -109,7 +109,7 @@ class ToolResources:
             for closer in closers:
                 try:
                     await closer()
-                except Exception:  # noqa: BLE001 - shutdown must go on
+                except Exception:
                     import logging
 
                     logging.getLogger(__name__).exception("closing a tool resource failed")

@@ -1,0 +1,269 @@
+"""NATS JetStream adapter: the only module that imports nats-py.
+
+nats-py is asyncio code; every call crosses the trio-asyncio bridge here (``aio_as_trio``), so the
+rest of the worker sees a small trio API and only ``BusError``. Must be used inside
+``trio_asyncio.open_loop()`` (``service.serve`` opens it at the root).
+
+Pitfalls handled here (see spec/trio-notes.md §1): an empty fetch raises a timeout instead of
+returning ``[]``; a fetch in flight during an outage only fails at its own timeout, so fetches are
+short and watched by a trio deadline; the connection is drained in a shielded scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from .config import Settings
+from .errors import BusError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NATS_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    asyncio.TimeoutError,
+    TimeoutError,
+    OSError,
+    ConnectionError,
+)
+
+
+async def _call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Run one nats-py coroutine from trio and translate its errors to BusError."""
+    try:
+        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+    except trio.Cancelled:
+        raise
+    except _NATS_ERRORS as exc:
+        # publish_async can turn a cancellation into TooManyStalledMsgsError: re-check.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise BusError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+
+@attrs.define(eq=False)
+class Message:
+    """One JetStream delivery. Settling (ack/nak/term) is idempotent: only the first counts."""
+
+    _msg: Msg
+    data: bytes
+    subject: str
+    num_delivered: int
+    settled: bool = False
+
+    async def ack(self) -> None:
+        await self._settle(self._msg.ack)
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._settle(self._msg.nak, delay)
+
+    async def term(self) -> None:
+        await self._settle(self._msg.term)
+
+    async def in_progress(self) -> None:
+        if not self.settled:
+            await _call(self._msg.in_progress)
+
+    async def _settle(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        await _call(fn, *args)
+
+
+@attrs.frozen
+class ConsumerLag:
+    pending: int
+    ack_pending: int
+
+
+@attrs.define(eq=False)
+class Bus:
+    settings: Settings
+    on_state_change: Callable[[], None] = lambda: None
+    _nc: NatsClient | None = None
+    _js: JetStreamContext | None = None
+    _sub: Any = None  # JetStreamContext.PullSubscription
+    ack_wait: float = 30.0
+    bound: bool = False
+    closing: bool = False
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def connect(self) -> None:
+        """Connect (one attempt; the caller retries). Reconnects afterwards are automatic."""
+        settings = self.settings
+
+        async def error_cb(exc: Exception) -> None:
+            log.warning("nats error: %s: %s", type(exc).__name__, exc)
+
+        async def disconnected_cb() -> None:
+            if not self.closing:
+                log.warning("nats disconnected; reconnecting")
+            self.on_state_change()
+
+        async def reconnected_cb() -> None:
+            log.info("nats reconnected")
+            self.on_state_change()
+
+        options: dict[str, Any] = {
+            "servers": settings.nats.url.split(","),
+            "name": f"noetl-worker {settings.worker_id}",
+            "connect_timeout": 5,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "ping_interval": 20,
+            "max_outstanding_pings": 3,
+            "error_cb": error_cb,
+            "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb,
+        }
+        if settings.nats.user:
+            options["user"] = settings.nats.user
+            options["password"] = settings.nats.password
+        self._nc = await _call(nats.connect, **options)
+        self._js = self._nc.jetstream(timeout=5)
+        self.on_state_change()
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BusError("not connected")
+        return self._js
+
+    async def ensure_stream(self) -> None:
+        """Create the stream when missing; an existing stream is used exactly as it is."""
+        s = self.settings
+        try:
+            await _call(self.js.stream_info, s.stream)
+            return
+        except BusError as exc:
+            if not isinstance(exc.__cause__, nats.js.errors.NotFoundError):
+                raise
+        log.info("creating stream %s with subjects %s, %s.>", s.stream, s.subject, s.subject)
+        config = StreamConfig(name=s.stream, subjects=[s.subject, f"{s.subject}.>"], storage=StorageType.FILE)
+        try:
+            await _call(self.js.add_stream, config)
+        except BusError as exc:
+            # Another worker or the server created it in between: fine, use theirs.
+            if "already in use" not in str(exc):
+                raise
+
+    async def bind_consumer(self) -> None:
+        """Bind the durable pull consumer, creating it (never modifying it) when missing."""
+        s = self.settings
+        self.bound = False
+        try:
+            info = await _call(self.js.consumer_info, s.stream, s.consumer)
+        except BusError as exc:
+            if not isinstance(exc.__cause__, nats.js.errors.NotFoundError):
+                raise
+            filters = list(s.filter_subjects)
+            config = ConsumerConfig(
+                durable_name=s.consumer,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=s.ack_wait,
+                max_deliver=s.max_deliver,
+                filter_subject=filters[0] if len(filters) == 1 else None,
+                filter_subjects=filters if len(filters) > 1 else None,
+                max_ack_pending=max(1000, s.max_concurrent * 4),
+            )
+            log.info("creating consumer %s on %s filtering %s", s.consumer, s.stream, filters)
+            info = await _call(self.js.add_consumer, s.stream, config)
+        if self._sub is not None:
+            await self._unsubscribe()
+        self._sub = await _call(self.js.pull_subscribe_bind, durable=s.consumer, stream=s.stream)
+        self.ack_wait = float(info.config.ack_wait or 30.0)
+        self.bound = True
+        self.on_state_change()
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        try:
+            await _call(sub.unsubscribe)
+        except BusError:
+            pass
+
+    async def fetch(self, batch: int, timeout: float) -> list[Message]:
+        """Block up to ``timeout`` for up to ``batch`` messages; ``[]`` when none arrived."""
+        if self._sub is None:
+            raise BusError("consumer not bound")
+        # Watchdog: a lingering pull request can stall nats-py past its own timeout.
+        with trio.move_on_after(timeout + 5) as watchdog:
+            try:
+                msgs = await _call(self._sub.fetch, batch, timeout=timeout)
+            except BusError as exc:
+                if isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+                    return []
+                raise
+        if watchdog.cancelled_caught:
+            raise BusError(f"fetch did not return within {timeout + 5:.0f}s")
+        out = []
+        for msg in msgs:
+            try:
+                delivered = msg.metadata.num_delivered
+            except Exception:
+                delivered = 1
+            out.append(Message(msg, msg.data, msg.subject, delivered))
+        return out
+
+    async def consumer_lag(self) -> ConsumerLag:
+        s = self.settings
+        try:
+            info = await _call(self.js.consumer_info, s.stream, s.consumer)
+        except BusError as exc:
+            if isinstance(exc.__cause__, nats.js.errors.NotFoundError):
+                self.bound = False  # deleted under us: the intake rebinds
+                self.on_state_change()
+            raise
+        return ConsumerLag(int(info.num_pending or 0), int(info.num_ack_pending or 0))
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """JetStream publish awaiting the stream's ack (demo, tests, benchmarks)."""
+        await _call(self.js.publish, subject, data)
+
+    async def close(self) -> None:
+        """Drain and close; shielded so it completes during cancellation."""
+        nc, self._nc, self._js, self._sub = self._nc, None, None, None
+        self.bound = False
+        self.closing = True
+        if nc is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await _call(nc.drain)
+            except BusError as exc:
+                log.debug("nats drain: %s", exc)
+                try:
+                    await _call(nc.close)
+                except BusError:
+                    pass
+        self.on_state_change()
+
+
+def install_exception_handler(loop: asyncio.AbstractEventLoop) -> None:
+    """trio-asyncio's default handler re-raises into its nursery and kills the whole loop;
+    a stray asyncio error (e.g. a never-retrieved future inside nats-py) must only log."""
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        log.warning("asyncio: %s%s", context.get("message", ""), f": {exc!r}" if exc else "")
+
+    loop.set_exception_handler(handler)

@@ -1,0 +1,410 @@
+"""The only module that speaks the NoETL server's HTTP API (httpx on trio).
+
+- One ``httpx.AsyncClient`` for the process (httpx pools per origin), keep-alive sized to the
+  concurrency; JSON is encoded once by us and sent as bytes.
+- Every request has a *total* trio deadline (httpx timeouts are per I/O operation).
+- Retries only where they can help: transport errors, 408, 425, 429, 5xx — honouring
+  ``Retry-After`` — with capped exponential backoff and jitter. Other 4xx are final.
+- httpx exceptions never leave this module: ``TransportError`` / ``HTTPStatusError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from .config import Settings, normalize_server_url
+from .errors import HTTPStatusError, TransportError
+from .events import Event
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 30.0  # total, per attempt
+
+
+@attrs.frozen
+class RetryPolicy:
+    attempts: int = 4
+    initial: float = 0.25
+    cap: float = 5.0
+    max_retry_after: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Sleep before retry number ``attempt`` (1-based); full jitter on the exponential part."""
+        backoff = float(min(self.cap, self.initial * 2 ** (attempt - 1)))
+        backoff = backoff / 2 + random.uniform(0, backoff / 2)
+        if retry_after is not None:
+            return float(min(max(retry_after, backoff), self.max_retry_after))
+        return backoff
+
+
+CLAIM_RETRY = RetryPolicy(attempts=3, initial=0.2, cap=2.0, max_retry_after=2.0)
+EVENT_RETRY = RetryPolicy(attempts=8, initial=0.25, cap=8.0)
+ONCE = RetryPolicy(attempts=1)
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    @property
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.headers.get("retry-after"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: ignore, the backoff applies
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+# ---- claim outcomes -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Claimed:
+    command: dict[str, Any]
+
+
+@attrs.frozen
+class AlreadyClaimed:
+    """409: another worker holds it, or it is terminal / cancelled. Ack and skip."""
+
+    code: str
+    message: str
+
+
+@attrs.frozen
+class NotFound:
+    """404: the server does not know the command. Report it and terminate the message."""
+
+    message: str
+
+
+@attrs.frozen
+class Rejected:
+    """Another 4xx: final. Report command.failed and ack."""
+
+    status: int
+    message: str
+
+
+@attrs.frozen
+class RetryLater:
+    """Server busy or unreachable after in-process retries: nak with a delay."""
+
+    reason: str
+    delay: float
+
+
+ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater
+
+
+def conflict_details(body: bytes) -> tuple[str, str]:
+    """(code, message) from a 409 body of either server.
+
+    Python: ``{"detail": {"code": "active_claim", "message": …}}`` (or ``{"detail": "…"}``);
+    Rust: ``{"error": "already claimed by …", "status": 409}``.
+    """
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        return "unknown", body.decode(errors="replace")[:200]
+    if not isinstance(payload, dict):
+        return "unknown", str(payload)[:200]
+    detail = payload.get("detail")
+    if isinstance(detail, dict):
+        return str(detail.get("code") or "unknown"), str(detail.get("message") or "")
+    message = str(detail if detail is not None else payload.get("error", ""))
+    lowered = message.lower()
+    if "terminal" in lowered:
+        code = "already_terminal"
+    elif "cancel" in lowered:
+        code = "execution_cancelled"
+    elif "claim" in lowered or "another worker" in lowered:
+        code = "active_claim"
+    else:
+        code = "unknown"
+    return code, message
+
+
+# ---- the client -----------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class ControlPlane:
+    client: httpx.AsyncClient
+    settings: Settings
+    metrics: Metrics
+    # Servers that answered 404/405 to /api/events/batch: single events from then on.
+    _no_batch: set[str] = attrs.field(factory=set)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, metrics: Metrics) -> AsyncIterator[ControlPlane]:
+        size = max(4, settings.max_concurrent * 2 + 2)
+        headers = {"user-agent": "noetl-worker-py", "content-type": "application/json"}
+        if settings.internal_api_token:
+            headers["authorization"] = f"Bearer {settings.internal_api_token}"
+        client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=5.0),
+            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30),
+            follow_redirects=False,
+        )
+        try:
+            yield cls(client, settings, metrics)
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    def base(self, server_url: str | None) -> str:
+        return normalize_server_url(server_url) if server_url else self.settings.server_url
+
+    async def request(
+        self,
+        method: str,
+        server_url: str | None,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Response:
+        """One attempt. Raises TransportError; returns any HTTP status."""
+        url = self.base(server_url) + path
+        content = dumps(body) if body is not None else None
+        try:
+            with trio.fail_after(timeout):
+                r = await self.client.request(method, url, content=content, params=params, headers=headers)
+        except trio.TooSlowError:
+            raise TransportError(f"{method} {url}: no answer within {timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+        return Response(r.status_code, r.content, r.headers)
+
+    async def call(
+        self,
+        method: str,
+        server_url: str | None,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        policy: RetryPolicy = ONCE,
+        on_retry: Any = None,
+    ) -> Response:
+        """Request with retries for retryable failures; a non-2xx final answer raises."""
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                response = await self.request(
+                    method, server_url, path, body=body, params=params, headers=headers
+                )
+            except TransportError:
+                if attempt >= policy.attempts:
+                    raise
+                error: Exception | None = None
+            else:
+                if 200 <= response.status < 300:
+                    return response
+                error = HTTPStatusError(
+                    response.status,
+                    response.body.decode(errors="replace"),
+                    retry_after=response.retry_after,
+                )
+                if not error.retryable or attempt >= policy.attempts:
+                    raise error
+                retry_after = response.retry_after
+            if on_retry is not None:
+                on_retry()
+            delay = policy.delay(attempt, retry_after)
+            log.debug("retrying %s %s in %.2fs (attempt %d): %s", method, path, delay, attempt, error)
+            await trio.sleep(delay)
+
+    # ---- commands ----
+
+    async def claim(self, server_url: str | None, event_id: int) -> ClaimOutcome:
+        path = f"/api/commands/{event_id}/claim"
+        body = {"worker_id": self.settings.worker_id}
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                r = await self.request("POST", server_url, path, body=body)
+            except TransportError as exc:
+                reason, retry_after = str(exc), None
+            else:
+                if r.status in (200, 201):
+                    command = r.json()
+                    if not isinstance(command, dict):
+                        return Rejected(r.status, "claim answer is not a JSON object")
+                    self.metrics.pulls.labels("claimed").inc()
+                    return Claimed(command)
+                if r.status == 409:
+                    self.metrics.pulls.labels("already_claimed").inc()
+                    return AlreadyClaimed(*conflict_details(r.body))
+                if r.status == 404:
+                    self.metrics.pulls.labels("failed").inc()
+                    return NotFound(r.body.decode(errors="replace")[:500])
+                if not HTTPStatusError(r.status, "").retryable:
+                    self.metrics.pulls.labels("failed").inc()
+                    return Rejected(r.status, r.body.decode(errors="replace")[:500])
+                self.metrics.pulls.labels("retry_later").inc()
+                reason, retry_after = f"HTTP {r.status}", r.retry_after
+            if attempt >= CLAIM_RETRY.attempts:
+                # Let JetStream redeliver later (to us or another worker) rather than spin here.
+                return RetryLater(reason, min(30.0, max(retry_after or 0.0, 1.0 * attempt)))
+            await trio.sleep(CLAIM_RETRY.delay(attempt, retry_after))
+
+    # ---- events ----
+
+    async def emit(
+        self, server_url: str | None, events: Sequence[Event], *, policy: RetryPolicy = EVENT_RETRY
+    ) -> None:
+        """Deliver events in order: one ``/api/events/batch`` call when there are several and the
+        server supports it, else one ``/api/events`` call each. Event ids (and the batch's
+        Idempotency-Key) stay the same on every retry."""
+        if not events:
+            return
+        base = self.base(server_url)
+        if len(events) > 1 and base not in self._no_batch:
+            with self._timed(events[-1].event_type):
+                try:
+                    await self._emit_batch(base, events, policy)
+                    return
+                except HTTPStatusError as exc:
+                    if exc.status not in (404, 405):
+                        raise
+                    log.info("server %s has no /api/events/batch; sending events one by one", base)
+                    self._no_batch.add(base)
+        for event in events:
+            with self._timed(event.event_type):
+                await self.call(
+                    "POST",
+                    base,
+                    "/api/events",
+                    body=event.to_json(),
+                    policy=policy,
+                    on_retry=self.metrics.emit_retries.labels(event.event_type).inc,
+                )
+
+    async def _emit_batch(self, base: str, events: Sequence[Event], policy: RetryPolicy) -> None:
+        first = events[0]
+        body = {
+            "execution_id": str(first.execution_id),
+            "worker_id": first.worker_id,
+            "events": [e.to_batch_item() for e in events],
+        }
+        key = f"{first.worker_id}:{first.execution_id}:{uuid.uuid4().hex}"
+        await self.call(
+            "POST",
+            base,
+            "/api/events/batch",
+            body=body,
+            headers={"idempotency-key": key},
+            policy=policy,
+            on_retry=self.metrics.emit_retries.labels(events[-1].event_type).inc,
+        )
+
+    @attrs.define
+    class _Timer:
+        histogram: Any
+        start: float = 0.0
+
+        def __enter__(self) -> None:
+            self.start = trio.current_time()
+
+        def __exit__(self, *exc: object) -> None:
+            self.histogram.observe(trio.current_time() - self.start)
+
+    def _timed(self, event_type: str) -> ControlPlane._Timer:
+        return ControlPlane._Timer(self.metrics.emit_duration.labels(event_type))
+
+    # ---- runtime registry (always against NOETL_SERVER_URL) ----
+
+    def registration(self, public_key_b64: str | None = None) -> dict[str, Any]:
+        s = self.settings
+        runtime: dict[str, Any] = {
+            "kind": "python",
+            "implementation": "noetl-worker-py",
+            "capacity": s.max_concurrent,
+        }
+        if public_key_b64:
+            runtime["worker_public_key"] = public_key_b64
+        return {
+            "name": s.worker_id,
+            "component_type": "worker_pool",
+            "runtime": runtime,
+            "status": "ready",
+            "capacity": s.max_concurrent,
+            "hostname": s.hostname,
+            "labels": {"pool_name": s.pool_name, "nats_consumer": s.consumer},
+        }
+
+    async def register(self, public_key_b64: str | None = None) -> None:
+        await self.call("POST", None, "/api/worker/pool/register", body=self.registration(public_key_b64))
+
+    async def heartbeat(self) -> None:
+        await self.call("POST", None, "/api/worker/pool/heartbeat", body={"name": self.settings.worker_id})
+
+    async def deregister(self) -> None:
+        body = {"name": self.settings.worker_id, "component_type": "worker_pool"}
+        try:
+            await self.call("POST", None, "/api/worker/pool/deregister", body=body)
+        except HTTPStatusError as exc:
+            if exc.status != 405:
+                raise
+            # The Rust server only routes DELETE.
+            await self.call("DELETE", None, "/api/worker/pool/deregister", body=body)
+
+    def server_api(self, server_url: str | None) -> BoundServer:
+        return BoundServer(self, self.base(server_url))
+
+
+@attrs.frozen
+class BoundServer:
+    """``tools.base.ServerAPI`` bound to one command's server_url (retries retryable failures)."""
+
+    plane: ControlPlane
+    server_url: str
+
+    async def get_json(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
+        return (
+            await self.plane.call("GET", self.server_url, path, params=params, policy=RetryPolicy(attempts=3))
+        ).json()
+
+    async def post_json(self, path: str, body: Any) -> Any:
+        # One attempt: a POST may not be idempotent (e.g. /api/execute); the tool decides.
+        return (await self.plane.call("POST", self.server_url, path, body=body)).json()
+
+    async def put_json(self, path: str, body: Any) -> Any:
+        return (
+            await self.plane.call("PUT", self.server_url, path, body=body, policy=RetryPolicy(attempts=3))
+        ).json()

@@ -1,0 +1,463 @@
+"""One command's lifecycle: claim → started → tool under a deadline → events → ack.
+
+Event order (both servers):
+- tool returned a result (any status): command.started → call.done → command.completed(<status>)
+- tool raised / invalid config / pre-dispatch failure: command.started → call.error → command.failed
+- a case with ``then: fail``: command.started → call.done → command.failed
+
+Decisions (DESIGN.md §4):
+- The NATS message is acked only once the terminal event is accepted; an in-progress ack keeps
+  it alive every ack_wait/3 meanwhile; cancellation at the drain deadline naks it.
+- A tool that finishes within ``COALESCE_WINDOW`` has its ``command.started`` sent together with
+  the terminal events in one ``/api/events/batch`` call: one round trip instead of three.
+- Terminal events are retried as long as the server is unreachable or busy (bounded by
+  ``TERMINAL_PATIENCE``), so a command gets its terminal event if the server is reachable at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from . import logs, tools
+from .bus import Message
+from .config import Settings
+from .control_plane import (
+    EVENT_RETRY,
+    AlreadyClaimed,
+    Claimed,
+    ControlPlane,
+    NotFound,
+    Rejected,
+    RetryLater,
+    RetryPolicy,
+)
+from .errors import BusError, ControlPlaneError, HTTPStatusError, ToolConfigError, ToolError
+from .events import Event, EventFactory
+from .metrics import Metrics
+from .notification import Notification
+from .snowflake import SnowflakeGenerator
+from .tools.base import ToolContext, ToolResources, ToolResult
+
+log = logging.getLogger(__name__)
+
+COALESCE_WINDOW = 0.05
+TERMINAL_PATIENCE = 300.0
+TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
+NAK_DELAY_SHUTDOWN = 0.0
+
+
+class Hooks(Protocol):
+    """Extension points filled by the results / credentials / templating modules."""
+
+    async def prepare(self, command: Command, ctx: ToolContext) -> tuple[dict[str, Any], ToolContext]:
+        """Resolve references and credentials; return the final tool config and context."""
+        ...
+
+    async def call_done_result(
+        self, command: Command, ctx: ToolContext, result: ToolResult
+    ) -> dict[str, Any]:
+        """The ``result`` object of call.done (scrubbed; inline or a reference)."""
+        ...
+
+    async def after_result(
+        self, command: Command, ctx: ToolContext, result: ToolResult, events: EventFactory
+    ) -> CaseEffect:
+        """Cases: extra events and whether the command fails instead of completing."""
+        ...
+
+    def scrub_text(self, text: str) -> str: ...
+
+
+@attrs.frozen
+class CaseEffect:
+    events: tuple[Event, ...] = ()
+    fail_message: str | None = None
+
+
+@attrs.frozen
+class Command:
+    """The claimed command (claim response), normalised."""
+
+    notification: Notification
+    server_url: str
+    execution_id: int
+    step: str
+    tool_kind: str
+    context: dict[str, Any]
+    meta: dict[str, Any]
+    command_id: str
+    attempts: int
+
+    @classmethod
+    def from_claim(cls, note: Notification, server_url: str, body: Mapping[str, Any]) -> Command:
+        context = body.get("context")
+        meta = body.get("meta")
+        context = dict(context) if isinstance(context, Mapping) else {}
+        meta = dict(meta) if isinstance(meta, Mapping) else {}
+        step = str(body.get("node_name") or body.get("node_id") or note.step)
+        try:
+            execution_id = int(body.get("execution_id", note.execution_id))
+        except (TypeError, ValueError):
+            execution_id = note.execution_id
+        command_id = meta.get("command_id")
+        if command_id is None or isinstance(command_id, bool):
+            command_id = note.command_id
+        # The Rust server writes meta.attempt, the Python side meta.attempts: take either.
+        attempts = meta.get("attempts", meta.get("attempt", 0))
+        try:
+            attempts = max(0, int(attempts))
+        except (TypeError, ValueError):
+            attempts = 0
+        tool_config = context.get("tool_config")
+        kind = body.get("action") or (tool_config.get("kind") if isinstance(tool_config, Mapping) else None)
+        return cls(
+            note,
+            server_url,
+            execution_id,
+            step,
+            str(kind or ""),
+            context,
+            meta,
+            str(command_id),
+            attempts,
+        )
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        cursor = self.meta.get("cursor")
+        if isinstance(cursor, Mapping):
+            try:
+                return int(cursor.get("frame") or 0), int(cursor.get("row") or 0)
+            except (TypeError, ValueError):
+                pass
+        return 0, 0
+
+    def tool_config(self) -> dict[str, Any]:
+        """upstream-rust-worker.md §4.1, plus the Python server's ``input`` block."""
+        raw = self.context.get("tool_config")
+        if isinstance(raw, Mapping):
+            config = dict(raw)
+        elif isinstance(raw, list):
+            config = {"tool_config": raw}
+        else:
+            config = {}
+        config.setdefault("kind", self.tool_kind)
+        if "args" not in config and "args" in self.context:
+            config["args"] = self.context["args"]
+        outer = self.context.get("input")
+        if isinstance(outer, Mapping) and outer:
+            inner = config.get("input")
+            config["input"] = {**inner, **outer} if isinstance(inner, Mapping) else dict(outer)
+        return config
+
+    def deadline_seconds(self, config: Mapping[str, Any], cap: float) -> float:
+        for key in ("timeout", "timeout_seconds"):
+            value = config.get(key)
+            if isinstance(value, bool):
+                continue
+            try:
+                seconds = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            if seconds > 0 and math.isfinite(seconds):
+                return min(seconds, cap)
+        return cap
+
+
+@attrs.define(eq=False)
+class Runtime:
+    """Process-wide state shared by every command task."""
+
+    settings: Settings
+    plane: ControlPlane
+    metrics: Metrics
+    ids: SnowflakeGenerator
+    resources: ToolResources
+    hooks: Hooks
+    slots: trio.CapacityLimiter
+    waiting: trio.CapacityLimiter
+    ack_wait: Callable[[], float] = lambda: 30.0
+    running: set[int] = attrs.field(factory=set)  # event ids of commands running in this process
+
+
+def _variables(command: Command, settings: Settings) -> dict[str, Any]:
+    render_context = command.context.get("render_context")
+    variables: dict[str, Any] = dict(render_context) if isinstance(render_context, Mapping) else {}
+    if "ctx" not in variables:
+        variables["ctx"] = dict(variables)
+        variables.setdefault("workload", variables["ctx"])
+    variables.setdefault("action", command.tool_kind)
+    variables.setdefault("node_name", command.step)
+    variables.setdefault("execution_id", str(command.execution_id))
+    variables.setdefault("step", command.step)
+    variables.setdefault("command_id", command.command_id)
+    variables.setdefault("worker_id", settings.worker_id)
+    variables.setdefault("server_url", command.server_url)
+    frame, row = command.cursor
+    if "cursor" in command.meta:
+        variables["__cursor_frame"], variables["__cursor_row"] = frame, row
+    return variables
+
+
+class Settle:
+    """How the NATS message ends."""
+
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+
+
+async def handle_message(
+    rt: Runtime, msg: Message, note: Notification, token: object, received_at: float
+) -> None:
+    """Claim and run one notification; always settles the message. Holds the slot ``token``."""
+    fields = {"execution_id": note.execution_id, "command_id": note.command_id, "step": note.step}
+    logs.command_fields.set(fields)
+    settle, delay = Settle.NAK, 0.0
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_progress, msg, rt)
+            try:
+                settle, delay = await _claim_and_run(rt, note, token, received_at)
+            finally:
+                nursery.cancel_scope.cancel()
+    except trio.Cancelled:
+        log.warning("command cancelled before its outcome was reported; nak for redelivery")
+        with trio.CancelScope(shield=True):
+            await _settle(msg, Settle.NAK, NAK_DELAY_SHUTDOWN)
+        raise
+    except Exception:
+        log.exception("unexpected error while handling a command; nak for redelivery")
+        settle, delay = Settle.NAK, 5.0
+    await _settle(msg, settle, delay)
+
+
+async def _settle(msg: Message, settle: str, delay: float) -> None:
+    try:
+        with trio.move_on_after(10):
+            if settle == Settle.ACK:
+                await msg.ack()
+            elif settle == Settle.TERM:
+                await msg.term()
+            else:
+                await msg.nak(delay or None)
+    except BusError as exc:
+        # JetStream redelivers after ack_wait; the claim endpoint arbitrates a second claim.
+        log.warning("could not %s the message: %s", settle, exc)
+
+
+async def _progress(msg: Message, rt: Runtime) -> None:
+    """In-progress acks while the command runs, so ack_wait never expires mid-command."""
+    while True:
+        await trio.sleep(max(0.2, rt.ack_wait() / 3))
+        try:
+            await msg.in_progress()
+        except BusError as exc:
+            log.debug("in-progress ack failed: %s", exc)
+
+
+async def _claim_and_run(
+    rt: Runtime, note: Notification, token: object, received_at: float
+) -> tuple[str, float]:
+    server_url = rt.plane.base(note.server_url)
+    outcome = await rt.plane.claim(server_url, note.event_id)
+    rt.metrics.pull_duration.observe(trio.current_time() - received_at)
+    if isinstance(outcome, AlreadyClaimed):
+        log.info("already claimed (%s): %s; skipping", outcome.code, outcome.message)
+        rt.metrics.skipped.labels("already_claimed").inc()
+        return Settle.ACK, 0.0
+    if isinstance(outcome, RetryLater):
+        log.warning("claim must be retried later (%s); nak with %.1fs delay", outcome.reason, outcome.delay)
+        return Settle.NAK, outcome.delay
+    if isinstance(outcome, NotFound | Rejected):
+        status = 404 if isinstance(outcome, NotFound) else outcome.status
+        message = f"claim_failed status={status} message={outcome.message}"
+        log.error("claim refused (HTTP %s): %s", status, outcome.message)
+        events = EventFactory(
+            rt.ids.next_id, note.execution_id, note.step, note.command_id, rt.settings.worker_id
+        )
+        try:
+            await rt.plane.emit(server_url, [events.failed(message)], policy=RetryPolicy(attempts=2))
+        except ControlPlaneError as exc:
+            log.warning("could not report the refused claim: %s", exc)
+        # A command the server does not know will never be claimable: stop redelivering it.
+        return (Settle.TERM if isinstance(outcome, NotFound) else Settle.ACK), 0.0
+    assert isinstance(outcome, Claimed)
+    command = Command.from_claim(note, server_url, outcome.command)
+    rt.metrics.concurrent.inc()
+    start = trio.current_time()
+    try:
+        return await run_command(rt, command, token)
+    finally:
+        rt.metrics.concurrent.dec()
+        rt.metrics.dispatch_duration.labels(command.tool_kind).observe(trio.current_time() - start)
+
+
+async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str, float]:
+    """Run a claimed command and report it. Returns how to settle the NATS message."""
+    events = EventFactory(
+        rt.ids.next_id,
+        command.execution_id,
+        command.step,
+        command.command_id,
+        rt.settings.worker_id,
+        command.attempts,
+    )
+    started = events.started()
+    sender = _StartedSender(rt, command.server_url, started)
+    ctx = ToolContext(
+        execution_id=command.execution_id,
+        step=command.step,
+        command_id=command.command_id,
+        worker_id=rt.settings.worker_id,
+        server_url=command.server_url,
+        variables=_variables(command, rt.settings),
+        secrets={},
+        server=rt.plane.server_api(command.server_url),
+        resources=rt.resources,
+        settings=rt.settings,
+        attempts=command.attempts,
+        release_slot=lambda: _released_slot(rt, token),
+    )
+    kind = command.tool_kind
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send_after, COALESCE_WINDOW)
+        outcome = await _execute(rt, command, ctx)
+        await sender.stop()
+        nursery.cancel_scope.cancel()
+
+    if isinstance(outcome, _Failure):
+        rt.metrics.dispatch_errors.labels(kind).inc()
+        rt.metrics.commands.labels(kind, "failed").inc()
+        error = rt.hooks.scrub_text(outcome.message)
+        log.warning("command failed: %s", error)
+        batch = [*sender.pending(), events.call_error(error), events.failed(error)]
+        return await _report(rt, command, batch)
+
+    result = outcome
+    if result.pending_callback:
+        rt.metrics.skipped_pending_callback.labels(kind).inc()
+        done: list[Event] = []
+    else:
+        done = [events.call_done(await rt.hooks.call_done_result(command, ctx, result))]
+    effect = await rt.hooks.after_result(command, ctx, result, events)
+    if effect.fail_message is not None:
+        rt.metrics.dispatch_errors.labels(kind).inc()
+        rt.metrics.commands.labels(kind, "failed").inc()
+        # Single posts, not a batch: the Python server's batch route acts on one event only.
+        batch = [*sender.pending(), *done, *effect.events, events.failed(effect.fail_message)]
+        return await _report(rt, command, batch, batch_ok=False)
+    rt.metrics.commands.labels(kind, result.status).inc()
+    log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
+    batch = [*sender.pending(), *done, *effect.events, events.completed(result.status)]
+    return await _report(rt, command, batch)
+
+
+@attrs.frozen
+class _Failure:
+    message: str
+
+
+async def _execute(rt: Runtime, command: Command, ctx: ToolContext) -> ToolResult | _Failure:
+    kind = command.tool_kind
+    try:
+        if not kind:
+            raise ToolConfigError("command", "action", "missing: the claim answer names no tool kind")
+        function = tools.resolve(kind)
+        config, ctx = await rt.hooks.prepare(command, ctx)
+        seconds = command.deadline_seconds(config, rt.settings.command_timeout)
+        began = trio.current_time()
+        with trio.move_on_after(seconds) as scope:
+            result = await function(config, ctx)
+        if scope.cancelled_caught:
+            log.warning("command timed out after %.3gs", seconds)
+            return ToolResult(
+                "timeout",
+                error=f"timed out after {seconds:g}s",
+                duration_ms=int((trio.current_time() - began) * 1000),
+            )
+        if result.duration_ms is None:
+            result = attrs.evolve(result, duration_ms=int((trio.current_time() - began) * 1000))
+        return result
+    except ToolError as exc:
+        return _Failure(str(exc))
+    except Exception as exc:  # a bug in a tool must not take the worker down
+        log.exception("tool %s raised", kind)
+        return _Failure(f"{type(exc).__name__}: {exc}")
+
+
+async def _report(
+    rt: Runtime, command: Command, batch: list[Event], *, batch_ok: bool = True
+) -> tuple[str, float]:
+    """Deliver the terminal events; settle according to what the server said."""
+    with trio.move_on_after(TERMINAL_PATIENCE) as patience:
+        try:
+            if batch_ok:
+                await rt.plane.emit(command.server_url, batch, policy=TERMINAL_RETRY)
+            else:
+                for event in batch:
+                    await rt.plane.emit(command.server_url, [event], policy=TERMINAL_RETRY)
+            return Settle.ACK, 0.0
+        except HTTPStatusError as exc:
+            # A final 4xx: the server will never take these events; redelivery cannot help.
+            log.error("server refused the terminal events (HTTP %s): %s", exc.status, exc.body[:300])
+            return Settle.ACK, 0.0
+    assert patience.cancelled_caught
+    log.error("terminal events not delivered within %.0fs; nak for redelivery", TERMINAL_PATIENCE)
+    return Settle.NAK, 30.0
+
+
+@attrs.define(eq=False)
+class _StartedSender:
+    """Sends command.started on its own if the tool is still running after the window."""
+
+    rt: Runtime
+    server_url: str
+    event: Event
+    state: str = "waiting"  # waiting | sending | sent | failed
+    _done: trio.Event = attrs.field(factory=trio.Event)
+
+    async def send_after(self, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+            self.state = "sending"
+            await self.rt.plane.emit(self.server_url, [self.event], policy=EVENT_RETRY)
+            self.state = "sent"
+        except ControlPlaneError as exc:
+            log.warning("command.started not delivered (%s); it goes with the terminal events", exc)
+            self.state = "failed"
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Called when the tool is done: wait for a send in flight, else cancel the pending one."""
+        if self.state == "sending":
+            await self._done.wait()
+
+    def pending(self) -> list[Event]:
+        return [] if self.state == "sent" else [self.event]
+
+
+@asynccontextmanager
+async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
+    """Give the execution slot back while a tool only waits on the server (DESIGN.md §4.10)."""
+    async with rt.waiting:
+        rt.slots.release_on_behalf_of(token)
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await rt.slots.acquire_on_behalf_of(token)
+
+
+def pool_mismatch(settings: Settings, note: Notification) -> bool:
+    return bool(
+        settings.pool_segment and note.execution_pool and note.execution_pool != settings.pool_segment
+    )

@@ -1,0 +1,77 @@
+"""The worker's only listening socket: /metrics, /healthz, /readyz (a tiny ASGI dispatcher).
+
+hypercorn's lifespan protocol is answered here, since ``prometheus_client.make_asgi_app`` cannot be
+the root app (it asserts ``scope["type"] == "http"``), see spec/trio-notes.md §3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from prometheus_client import make_asgi_app
+
+from .config import Bind
+from .metrics import Metrics
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def make_app(
+    metrics: Metrics, readiness: Callable[[], tuple[bool, str]]
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    metrics_app = make_asgi_app(registry=metrics.registry)
+
+    async def plain(send: Send, status: int, body: str) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/metrics":
+            await metrics_app(scope, receive, send)
+        elif path in ("/healthz", "/livez"):
+            await plain(send, 200, "ok")
+        elif path == "/readyz":
+            ready, reason = readiness()
+            await plain(send, 200 if ready else 503, "ready" if ready else f"not ready: {reason}")
+        else:
+            await plain(send, 404, "not found")
+
+    return app
+
+
+async def serve_http(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    bind: Bind,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = Config()
+    config.bind = [str(bind)]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""Prometheus metrics: the Rust worker's command-worker inventory (same names, types, labels and
+buckets — dashboards and alerts keep working) plus a few of our own, all in one registry."""
+
+from __future__ import annotations
+
+import attrs
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# `_created` series double the exposition for nothing a dashboard uses; the Rust worker has none.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+PULL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DISPATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+EMIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+PUT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PULL_OUTCOMES = ("claimed", "already_claimed", "retry_later", "failed")
+
+
+@attrs.define(eq=False, slots=False)
+class Metrics:
+    registry: CollectorRegistry = attrs.field(factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __attrs_post_init__(self) -> None:
+        r = self.registry
+        self.pulls = Counter(
+            "noetl_worker_pulls_total",
+            "Claim calls that got an HTTP answer, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.pull_duration = Histogram(
+            "noetl_worker_pull_duration_seconds",
+            "Receive + claim time of one notification.",
+            buckets=PULL_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_duration = Histogram(
+            "noetl_worker_dispatch_duration_seconds",
+            "Time from claim to the terminal event, by tool kind.",
+            ["tool_kind"],
+            buckets=DISPATCH_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_errors = Counter(
+            "noetl_worker_dispatch_errors_total",
+            "Commands that failed (tool error, pre-dispatch failure, case fail), by tool kind.",
+            ["tool_kind"],
+            registry=r,
+        )
+        self.emit_duration = Histogram(
+            "noetl_worker_event_emit_duration_seconds",
+            "Time to deliver one event (retries included), by event type.",
+            ["event_type"],
+            buckets=EMIT_BUCKETS,
+            registry=r,
+        )
+        self.emit_retries = Counter(
+            "noetl_worker_event_emit_retries_total",
+            "Event deliveries retried, by event type.",
+            ["event_type"],
+            registry=r,
+        )
+        self.concurrent = Gauge("noetl_worker_concurrent_dispatches", "Commands running now.", registry=r)
+        self.consumer_pending = Gauge(
+            "noetl_worker_nats_consumer_pending",
+            "Messages not yet delivered by the consumer.",
+            ["stream", "consumer"],
+            registry=r,
+        )
+        self.consumer_ack_pending = Gauge(
+            "noetl_worker_nats_consumer_ack_pending",
+            "Messages delivered and not yet acked.",
+            ["stream", "consumer"],
+            registry=r,
+        )
+        self.put_duration = Histogram(
+            "noetl_worker_result_store_put_duration_seconds",
+            "Durable result-store PUT time.",
+            buckets=PUT_BUCKETS,
+            registry=r,
+        )
+        self.put_bytes = Counter(
+            "noetl_worker_result_store_put_bytes_total",
+            "Bytes of successful durable result PUTs.",
+            registry=r,
+        )
+        self.put_errors = Counter(
+            "noetl_worker_result_store_put_errors_total", "Failed durable result PUTs.", registry=r
+        )
+        self.skipped_pending_callback = Counter(
+            "noetl_worker_call_done_skipped_pending_callback_total",
+            "call.done left to an external callback, by tool kind.",
+            ["tool_kind"],
+            registry=r,
+        )
+        # Ours (not in the Rust inventory).
+        self.poison = Counter(
+            "noetl_worker_poison_messages_total",
+            "NATS messages terminated because they are not valid notifications.",
+            registry=r,
+        )
+        self.skipped = Counter(
+            "noetl_worker_notifications_skipped_total",
+            "Notifications acked without a claim, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "noetl_worker_commands_total",
+            "Commands finished, by tool kind and status (success, error, timeout, failed, cancelled).",
+            ["tool_kind", "status"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "noetl_worker_task_restarts_total",
+            "Supervised background tasks restarted after an error, by task.",
+            ["task"],
+            registry=r,
+        )
+        self.ready = Gauge("noetl_worker_ready", "1 when /readyz answers 200.", registry=r)
+        for outcome in PULL_OUTCOMES:
+            self.pulls.labels(outcome)
+
+    def put_ok(self, seconds: float, nbytes: int) -> None:
+        self.put_duration.observe(seconds)
+        self.put_bytes.inc(nbytes)
+
+    def put_failed(self) -> None:
+        self.put_errors.inc()

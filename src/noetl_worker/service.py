@@ -1,0 +1,384 @@
+"""The task tree (DESIGN.md §2): startup and shutdown order.
+
+    serve(settings)                 trio_asyncio loop at the root; signals
+    └── root nursery
+        ├── http server             /metrics /healthz /readyz (stopped last)
+        └── background nursery      heartbeat, lag poller (supervised)
+            └── execution nursery   one task per command, bounded by the slots limiter
+                └── intake          connect/bind (supervised), fetch ≤ free slots, start commands
+
+SIGTERM/SIGINT: /readyz → 503; intake cancelled (fetched-but-unstarted messages nak'd); the
+execution nursery gets a deadline of now + grace (commands still running then are cancelled and
+nak'd); background tasks stop; deregister; NATS drained; the http server stops; exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+import trio_asyncio
+
+from .bus import Bus, Message, install_exception_handler
+from .config import Settings
+from .control_plane import ControlPlane
+from .dispatch import Hooks, Runtime, handle_message, pool_mismatch
+from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationError
+from .http_server import make_app, serve_http
+from .metrics import Metrics
+from .notification import parse_notification
+from .snowflake import SnowflakeGenerator
+from .tools.base import ToolResources
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT = 5.0  # long poll when idle; short so outages are noticed and the loop re-checks
+BURST_TIMEOUT = 0.005  # sweep for more messages after one arrived, while slots are free
+MAX_BURST = 64
+
+
+@attrs.define(eq=False)
+class WorkerState:
+    """What /readyz reports, and the moving parts the tests look at."""
+
+    heartbeat_interval: float
+    draining: bool = False
+    registered: bool = False
+    last_heartbeat: float | None = None  # trio time of the last accepted heartbeat/registration
+    bus: Bus | None = None
+    urls: list[str] = attrs.field(factory=list)
+    runtime: Runtime | None = None
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    started: trio.Event = attrs.field(factory=trio.Event)
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if self.bus is None or not self.bus.connected:
+            return False, "nats not connected"
+        if not self.bus.bound:
+            return False, "consumer not bound"
+        if self.last_heartbeat is None:
+            return False, "not registered with the server"
+        if trio.current_time() - self.last_heartbeat > max(3 * self.heartbeat_interval, 30.0):
+            return False, "no heartbeat accepted recently"
+        return True, "ready"
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, reset on success."""
+
+    def __init__(self, initial: float = 0.25, cap: float = 10.0) -> None:
+        self.initial, self.cap, self.current = initial, cap, initial
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+    def next(self) -> float:
+        import random
+
+        delay = self.current
+        self.current = min(self.cap, self.current * 2)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+
+async def supervise(name: str, fn: Callable[[], Awaitable[None]], metrics: Metrics) -> None:
+    """Restart a long-lived child after an error (never after cancellation)."""
+    backoff = Backoff(0.5, 30.0)
+    while True:
+        try:
+            await fn()
+            return
+        except Exception:
+            metrics.restarts.labels(name).inc()
+            delay = backoff.next()
+            log.exception("%s failed; restarting in %.1fs", name, delay)
+            await trio.sleep(delay)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    state: WorkerState | None = None,
+    hooks: Hooks | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run the worker until SIGTERM/SIGINT (or ``state.stop``); returns the exit code."""
+    state = state or WorkerState(settings.heartbeat_interval)
+    async with trio_asyncio.open_loop() as loop:
+        install_exception_handler(loop)
+        metrics = Metrics()
+        async with ControlPlane.open(settings, metrics) as plane:
+            bus = Bus(settings, on_state_change=lambda: _update_ready(state, metrics))
+            state.bus = bus
+            if hooks is None:
+                from .hooks import default_hooks
+
+                hooks = default_hooks(settings, metrics)
+            rt = Runtime(
+                settings=settings,
+                plane=plane,
+                metrics=metrics,
+                ids=SnowflakeGenerator(settings.snowflake_node_id, settings.snowflake_epoch_ms),
+                resources=ToolResources(),
+                hooks=hooks,
+                slots=trio.CapacityLimiter(settings.max_concurrent),
+                waiting=trio.CapacityLimiter(settings.max_waiting),
+                ack_wait=lambda: bus.ack_wait,
+            )
+            state.runtime = rt
+            log.info(
+                "noetl-worker starting",
+                extra={
+                    "pool": settings.pool_name,
+                    "server_url": settings.server_url,
+                    "nats_url": settings.nats.url,
+                    "stream": settings.stream,
+                    "consumer": settings.consumer,
+                    "filter": ",".join(settings.filter_subjects),
+                    "max_concurrent": settings.max_concurrent,
+                    "snowflake_node_id": settings.snowflake_node_id,
+                    "keychain_env_vars": ",".join(settings.keychain_env_vars),
+                },
+            )
+            try:
+                await _run_tree(settings, state, rt, bus, metrics, handle_signals)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await rt.resources.aclose()
+                    await bus.close()
+                    if hasattr(hooks, "aclose"):
+                        await hooks.aclose()
+    log.info("noetl-worker stopped")
+    return 0
+
+
+def _update_ready(state: WorkerState, metrics: Metrics) -> None:
+    metrics.ready.set(1 if state.readiness()[0] else 0)
+
+
+async def _run_tree(
+    settings: Settings,
+    state: WorkerState,
+    rt: Runtime,
+    bus: Bus,
+    metrics: Metrics,
+    handle_signals: bool,
+) -> None:
+    app = make_app(metrics, state.readiness)
+    http_stop = trio.Event()
+    async with trio.open_nursery() as root:
+        state.urls = await root.start(serve_http, app, settings.metrics_bind, http_stop)
+        if handle_signals:
+            root.start_soon(_watch_signals, state)
+        log.info("metrics and probes on %s", ", ".join(state.urls))
+        async with trio.open_nursery() as background:
+            background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
+            background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
+            background.start_soon(_ready_gauge, state, metrics)
+            async with trio.open_nursery() as execution:
+                async with trio.open_nursery() as intake:
+                    intake.start_soon(
+                        supervise, "intake", lambda: _intake(rt, bus, execution, state), metrics
+                    )
+                    state.started.set()
+                    await state.stop.wait()
+                    state.draining = True
+                    _update_ready(state, metrics)
+                    log.info(
+                        "shutting down: intake stopped, draining %d running command(s) for up to %gs",
+                        len(rt.running),
+                        settings.shutdown_grace,
+                    )
+                    intake.cancel_scope.cancel()
+                execution.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
+            if execution.cancel_scope.cancelled_caught:
+                log.warning("drain deadline reached: running commands were cancelled and nak'd")
+            background.cancel_scope.cancel()
+        with trio.move_on_after(5) as scope:
+            try:
+                await rt.plane.deregister()
+                log.info("deregistered from %s", settings.server_url)
+            except ControlPlaneError as exc:
+                log.warning("deregistration failed: %s", exc)
+        if scope.cancelled_caught:
+            log.warning("deregistration timed out")
+        await bus.close()
+        http_stop.set()
+
+
+async def _watch_signals(state: WorkerState) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if state.stop.is_set():
+                log.warning("second %s: already draining", signal.Signals(signum).name)
+                continue
+            log.info("received %s", signal.Signals(signum).name)
+            state.stop.set()
+
+
+async def _ready_gauge(state: WorkerState, metrics: Metrics) -> None:
+    while True:
+        _update_ready(state, metrics)
+        await trio.sleep(1.0)
+
+
+async def _heartbeat(rt: Runtime, state: WorkerState) -> None:
+    """Register (retrying while the server is down), then beat; re-register on 404."""
+    backoff = Backoff(0.5, 15.0)
+    while True:
+        try:
+            if not state.registered:
+                await rt.plane.register(getattr(rt.hooks, "public_key_b64", None))
+                state.registered = True
+                log.info("registered with %s as %s", rt.settings.server_url, rt.settings.worker_id)
+            else:
+                await rt.plane.heartbeat()
+            state.last_heartbeat = trio.current_time()
+            backoff.reset()
+            delay = rt.settings.heartbeat_interval
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                log.warning("server does not know this worker (404 on heartbeat); registering again")
+                state.registered = False
+                delay = 0.0
+            else:
+                delay = min(backoff.next(), rt.settings.heartbeat_interval)
+                log.warning("heartbeat/registration failed: %s; retrying in %.1fs", exc, delay)
+        except ControlPlaneError as exc:
+            delay = min(backoff.next(), rt.settings.heartbeat_interval)
+            log.warning("heartbeat/registration failed: %s; retrying in %.1fs", exc, delay)
+        await trio.sleep(delay)
+
+
+async def _lag_poller(rt: Runtime, bus: Bus) -> None:
+    s = rt.settings
+    pending = rt.metrics.consumer_pending.labels(s.stream, s.consumer)
+    ack_pending = rt.metrics.consumer_ack_pending.labels(s.stream, s.consumer)
+    while True:
+        if bus.bound:
+            try:
+                lag = await bus.consumer_lag()
+                pending.set(lag.pending)
+                ack_pending.set(lag.ack_pending)
+            except BusError as exc:
+                log.warning("consumer lag poll failed: %s", exc)
+        await trio.sleep(s.lag_poll_interval)
+
+
+async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerState) -> None:
+    """Connect and bind (retrying with backoff), then fetch and start commands."""
+    backoff = Backoff(0.25, 10.0)
+    while True:
+        try:
+            if bus._nc is None:
+                await bus.connect()
+                log.info("connected to NATS %s", rt.settings.nats.url)
+            if not bus.bound:
+                await bus.ensure_stream()
+                await bus.bind_consumer()
+                log.info(
+                    "consumer %s bound on stream %s (ack_wait %gs)",
+                    rt.settings.consumer,
+                    rt.settings.stream,
+                    bus.ack_wait,
+                )
+            backoff.reset()
+            await _fetch_loop(rt, bus, execution)
+        except BusError as exc:
+            delay = backoff.next()
+            log.warning("NATS: %s; retrying in %.1fs", exc, delay)
+            bus.bound = bus.bound and bus.connected
+            await trio.sleep(delay)
+
+
+async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery) -> None:
+    while bus.bound:
+        first = object()
+        await rt.slots.acquire_on_behalf_of(first)
+        tokens = [first]
+        messages: list[Message] = []
+        try:
+            messages = await bus.fetch(1, timeout=FETCH_TIMEOUT)
+            received_at = trio.current_time()
+            free = min(int(rt.slots.available_tokens), MAX_BURST)
+            if messages and free > 0:
+                # A message arrived: sweep up what else is waiting, never more than can start.
+                messages += await bus.fetch(free, timeout=BURST_TIMEOUT)
+            while messages:
+                msg = messages[0]
+                token = tokens.pop() if tokens else None
+                if token is None:
+                    token = object()
+                    await rt.slots.acquire_on_behalf_of(token)
+                started = await _start(rt, msg, token, execution, received_at)
+                messages.pop(0)
+                if not started:
+                    tokens.append(token)
+        finally:
+            for token in tokens:
+                rt.slots.release_on_behalf_of(token)
+            if messages:
+                # Fetched but not started (intake stopping, or an error): let another worker have them.
+                with trio.CancelScope(shield=True):
+                    for msg in messages:
+                        try:
+                            await msg.nak()
+                        except BusError:
+                            pass
+
+
+async def _start(
+    rt: Runtime, msg: Message, token: object, execution: trio.Nursery, received_at: float
+) -> bool:
+    """Start a command task for ``msg`` (it then owns ``token``); False when settled here."""
+    try:
+        note = parse_notification(msg.data)
+    except NotificationError as exc:
+        rt.metrics.poison.inc()
+        log.warning(
+            "terminating a malformed notification on %s (delivery %d): %s; payload: %r",
+            msg.subject,
+            msg.num_delivered,
+            exc,
+            msg.data[:300],
+        )
+        await msg.term()
+        return False
+    if pool_mismatch(rt.settings, note):
+        rt.metrics.skipped.labels("other_pool").inc()
+        log.info(
+            "skipping a command for pool %s (this worker serves %s)",
+            note.execution_pool,
+            rt.settings.pool_segment,
+            extra={"execution_id": note.execution_id, "command_id": note.command_id},
+        )
+        await msg.ack()
+        return False
+    if note.event_id in rt.running:
+        rt.metrics.skipped.labels("duplicate").inc()
+        log.info(
+            "second delivery of a command already running here; acked without running it again",
+            extra={"execution_id": note.execution_id, "command_id": note.command_id},
+        )
+        await msg.ack()
+        return False
+    rt.running.add(note.event_id)
+
+    async def task() -> None:
+        try:
+            await handle_message(rt, msg, note, token, received_at)
+        finally:
+            rt.running.discard(note.event_id)
+            rt.slots.release_on_behalf_of(token)
+
+    execution.start_soon(task)
+    return True
+
+
+def run(settings: Settings, **kwargs: Any) -> int:
+    return trio.run(lambda: serve(settings, **kwargs))
