@@ -102,6 +102,11 @@ class Bus:
     closing: bool = False
 
     @property
+    def needs_connect(self) -> bool:
+        """True before the first successful connect (later reconnects are nats-py's job)."""
+        return self._nc is None
+
+    @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
@@ -264,6 +269,9 @@ def install_exception_handler(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        if isinstance(exc, asyncio.CancelledError):
+            log.debug("asyncio: %s: cancelled", context.get("message", ""))
+            return
         log.warning("asyncio: %s%s", context.get("message", ""), f": {exc!r}" if exc else "")
 
     loop.set_exception_handler(handler)

@@ -220,23 +220,25 @@ async def handle_message(
     """Claim and run one notification; always settles the message. Holds the slot ``token``."""
     fields = {"execution_id": note.execution_id, "command_id": note.command_id, "step": note.step}
     logs.command_fields.set(fields)
-    settle, delay = Settle.NAK, 0.0
+    outcome: tuple[str, float] | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_progress, msg, rt)
             try:
-                settle, delay = await _claim_and_run(rt, note, token, received_at)
+                outcome = await _claim_and_run(rt, note, token, received_at)
             finally:
                 nursery.cancel_scope.cancel()
-    except trio.Cancelled:
-        log.warning("command cancelled before its outcome was reported; nak for redelivery")
-        with trio.CancelScope(shield=True):
-            await _settle(msg, Settle.NAK, NAK_DELAY_SHUTDOWN)
-        raise
     except Exception:
         log.exception("unexpected error while handling a command; nak for redelivery")
-        settle, delay = Settle.NAK, 5.0
-    await _settle(msg, settle, delay)
+        outcome = (Settle.NAK, 5.0)
+    finally:
+        if outcome is None:
+            # Cancelled (drain deadline) before the outcome was reported: hand it back now
+            # rather than after ack_wait; the server arbitrates the re-claim.
+            log.warning("command cancelled before its outcome was reported; nak for redelivery")
+            with trio.CancelScope(shield=True):
+                await _settle(msg, Settle.NAK, NAK_DELAY_SHUTDOWN)
+    await _settle(msg, *outcome)
 
 
 async def _settle(msg: Message, settle: str, delay: float) -> None:

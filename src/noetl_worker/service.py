@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import attrs
@@ -56,7 +57,7 @@ class WorkerState:
     started: trio.Event = attrs.field(factory=trio.Event)
 
     def readiness(self) -> tuple[bool, str]:
-        if self.draining:
+        if self.draining or self.stop.is_set():
             return False, "draining"
         if self.bus is None or not self.bus.connected:
             return False, "nats not connected"
@@ -106,53 +107,64 @@ async def serve(
     state: WorkerState | None = None,
     hooks: Hooks | None = None,
     handle_signals: bool = True,
+    bus: Any = None,
+    plane: Any = None,
+    http: bool = True,
 ) -> int:
-    """Run the worker until SIGTERM/SIGINT (or ``state.stop``); returns the exit code."""
-    state = state or WorkerState(settings.heartbeat_interval)
-    async with trio_asyncio.open_loop() as loop:
-        install_exception_handler(loop)
-        metrics = Metrics()
-        async with ControlPlane.open(settings, metrics) as plane:
-            bus = Bus(settings, on_state_change=lambda: _update_ready(state, metrics))
-            state.bus = bus
-            if hooks is None:
-                from .hooks import default_hooks
+    """Run the worker until SIGTERM/SIGINT (or ``state.stop``); returns the exit code.
 
-                hooks = default_hooks(settings, metrics)
-            rt = Runtime(
-                settings=settings,
-                plane=plane,
-                metrics=metrics,
-                ids=SnowflakeGenerator(settings.snowflake_node_id, settings.snowflake_epoch_ms),
-                resources=ToolResources(),
-                hooks=hooks,
-                slots=trio.CapacityLimiter(settings.max_concurrent),
-                waiting=trio.CapacityLimiter(settings.max_waiting),
-                ack_wait=lambda: bus.ack_wait,
-            )
-            state.runtime = rt
-            log.info(
-                "noetl-worker starting",
-                extra={
-                    "pool": settings.pool_name,
-                    "server_url": settings.server_url,
-                    "nats_url": settings.nats.url,
-                    "stream": settings.stream,
-                    "consumer": settings.consumer,
-                    "filter": ",".join(settings.filter_subjects),
-                    "max_concurrent": settings.max_concurrent,
-                    "snowflake_node_id": settings.snowflake_node_id,
-                    "keychain_env_vars": ",".join(settings.keychain_env_vars),
-                },
-            )
-            try:
-                await _run_tree(settings, state, rt, bus, metrics, handle_signals)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await rt.resources.aclose()
-                    await bus.close()
-                    if hasattr(hooks, "aclose"):
-                        await hooks.aclose()
+    ``bus`` and ``plane`` replace the NATS and HTTP adapters (tests run the whole tree against
+    in-memory fakes under a MockClock, with ``http=False`` since a MockClock must never meet a
+    real socket).
+    """
+    state = state or WorkerState(settings.heartbeat_interval)
+    async with AsyncExitStack() as stack:
+        metrics = Metrics()
+        if bus is None:
+            loop = await stack.enter_async_context(trio_asyncio.open_loop())
+            install_exception_handler(loop)
+            bus = Bus(settings, on_state_change=lambda: _update_ready(state, metrics))
+        if plane is None:
+            plane = await stack.enter_async_context(ControlPlane.open(settings, metrics))
+        state.bus = bus
+        if hooks is None:
+            from .hooks import default_hooks
+
+            hooks = default_hooks(settings, metrics)
+        rt = Runtime(
+            settings=settings,
+            plane=plane,
+            metrics=metrics,
+            ids=SnowflakeGenerator(settings.snowflake_node_id, settings.snowflake_epoch_ms),
+            resources=ToolResources(),
+            hooks=hooks,
+            slots=trio.CapacityLimiter(settings.max_concurrent),
+            waiting=trio.CapacityLimiter(settings.max_waiting),
+            ack_wait=lambda: float(bus.ack_wait),
+        )
+        state.runtime = rt
+        log.info(
+            "noetl-worker starting",
+            extra={
+                "pool": settings.pool_name,
+                "server_url": settings.server_url,
+                "nats_url": settings.nats.url,
+                "stream": settings.stream,
+                "consumer": settings.consumer,
+                "filter": ",".join(settings.filter_subjects),
+                "max_concurrent": settings.max_concurrent,
+                "snowflake_node_id": settings.snowflake_node_id,
+                "keychain_env_vars": ",".join(settings.keychain_env_vars),
+            },
+        )
+        try:
+            await _run_tree(settings, state, rt, bus, metrics, handle_signals, http)
+        finally:
+            with trio.CancelScope(shield=True):
+                await rt.resources.aclose()
+                await bus.close()
+                if hasattr(hooks, "aclose"):
+                    await hooks.aclose()
     log.info("noetl-worker stopped")
     return 0
 
@@ -168,14 +180,16 @@ async def _run_tree(
     bus: Bus,
     metrics: Metrics,
     handle_signals: bool,
+    http: bool,
 ) -> None:
     app = make_app(metrics, state.readiness)
     http_stop = trio.Event()
     async with trio.open_nursery() as root:
-        state.urls = await root.start(serve_http, app, settings.metrics_bind, http_stop)
+        if http:
+            state.urls = await root.start(serve_http, app, settings.metrics_bind, http_stop)
+            log.info("metrics and probes on %s", ", ".join(state.urls))
         if handle_signals:
             root.start_soon(_watch_signals, state)
-        log.info("metrics and probes on %s", ", ".join(state.urls))
         async with trio.open_nursery() as background:
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
@@ -275,7 +289,7 @@ async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerS
     backoff = Backoff(0.25, 10.0)
     while True:
         try:
-            if bus._nc is None:
+            if bus.needs_connect:
                 await bus.connect()
                 log.info("connected to NATS %s", rt.settings.nats.url)
             if not bus.bound:
