@@ -22,7 +22,7 @@ STEP_EXIT: Final = "step.exit"
 
 # Events the Python server's workflow engine acts on (it routes on the last actionable one of a
 # batch); lifecycle bookkeeping events are not actionable.
-ACTIONABLE: Final = frozenset({CALL_DONE, CALL_ERROR, STEP_EXIT, COMMAND_FAILED})
+ACTIONABLE: Final = frozenset({CALL_DONE, CALL_ERROR, STEP_EXIT})
 
 
 def _now() -> str:
