@@ -11,19 +11,15 @@ import importlib
 from ..errors import ToolError
 from .base import ToolContext, ToolFunction, ToolResources, ToolResult
 
-__all__ = [
-    "ToolContext",
-    "ToolFunction",
-    "ToolResources",
-    "ToolResult",
-    "kinds",
-    "register",
-    "resolve",
-]
+__all__ = ["ToolContext", "ToolFunction", "ToolResources", "ToolResult", "kinds", "register", "resolve"]
 
 _BUILTIN: dict[str, str] = {
     "noop": "noetl_worker.tools.noop",
     "shell": "noetl_worker.tools.shell",
+    "http": "noetl_worker.tools.http",
+    "postgres": "noetl_worker.tools.postgres",
+    "duckdb": "noetl_worker.tools.duckdb",
+    "playbook": "noetl_worker.tools.playbook",
 }
 _loaded: dict[str, ToolFunction] = {}
 
