@@ -133,7 +133,7 @@ def _execute(
             try:
                 cursor.execute(statement, params)
                 if cursor.description is None:
-                    results.append({"affected_rows": cursor.rowcount})
+                    results.append({"affected_rows": max(cursor.rowcount, 0)})
                     continue
                 columns = [column.name for column in cursor.description]
                 results.append(_sqltool.rows_result(columns, cursor.fetchall(), as_objects))
