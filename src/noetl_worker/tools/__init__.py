@@ -11,15 +11,7 @@ import importlib
 from ..errors import ToolError
 from .base import ToolContext, ToolFunction, ToolResources, ToolResult
 
-__all__ = [
-    "ToolContext",
-    "ToolFunction",
-    "ToolResources",
-    "ToolResult",
-    "kinds",
-    "register",
-    "resolve",
-]
+__all__ = ["ToolContext", "ToolFunction", "ToolResources", "ToolResult", "kinds", "register", "resolve"]
 
 _BUILTIN: dict[str, str] = {
     "noop": "noetl_worker.tools.noop",

@@ -67,7 +67,9 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
 
 
 def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
-    config = {"autoinstall_known_extensions": False}
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "autoinstall_known_extensions": False
+    }
     return duckdb.connect(path, read_only=read_only, config=config)
 
 
