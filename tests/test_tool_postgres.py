@@ -168,3 +168,22 @@ async def test_config_errors_name_the_field(
     with pytest.raises(ToolConfigError) as info:
         await postgres.run(config, make_ctx(resources))
     assert info.value.field == field
+
+
+async def test_pooled_connections_are_reused_and_closed_on_shutdown(
+    resources: ToolResources,
+) -> None:
+    app = f"pool_{uuid.uuid4().hex[:12]}"
+    owned = ToolResources()
+    dsn = f"{DSN}{'&' if '?' in DSN else '?'}application_name={app}"
+    for _ in range(3):
+        await _run(owned, connection_string=dsn, query="SELECT 1")
+    count = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s"
+    before = await _run(resources, query=count, params=[app])
+    assert before.data["rows"] == [{"n": 1}]
+    with trio.fail_after(10):
+        await owned.aclose()
+    # A backend leaves pg_stat_activity a moment after its client said goodbye.
+    with trio.fail_after(5):
+        while (await _run(resources, query=count, params=[app])).data["rows"] != [{"n": 0}]:
+            await trio.sleep(0.05)

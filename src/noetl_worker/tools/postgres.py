@@ -89,9 +89,14 @@ def _conninfo(config: Mapping[str, Any]) -> str:
         )
     if config.get("schema") is not None:
         keywords["options"] = f"-c search_path={config['schema']}"
-    keywords.setdefault("connect_timeout", CONNECT_TIMEOUT)
-    keywords.setdefault("application_name", "noetl-worker")
     try:
+        given = psycopg.conninfo.conninfo_to_dict(str(base[1]) if base else "")
+        for keyword, default in (
+            ("connect_timeout", CONNECT_TIMEOUT),
+            ("application_name", "noetl-worker"),
+        ):
+            if keyword not in given:
+                keywords.setdefault(keyword, default)
         return psycopg.conninfo.make_conninfo(str(base[1]) if base else "", **keywords)
     except psycopg.ProgrammingError as exc:
         field = base[0] if base else "host"
