@@ -185,5 +185,8 @@ async def test_pooled_connections_are_reused_and_closed_on_shutdown(
         await owned.aclose()
     # A backend leaves pg_stat_activity a moment after its client said goodbye.
     with trio.fail_after(5):
-        while (await _run(resources, query=count, params=[app])).data["rows"] != [{"n": 0}]:
+        while True:
+            after = await _run(resources, query=count, params=[app])
+            if after.data["rows"] == [{"n": 0}]:
+                break
             await trio.sleep(0.05)
