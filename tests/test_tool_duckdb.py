@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,17 @@ async def test_config_errors_name_the_field(config: dict[str, Any], field: str) 
     with pytest.raises(ToolConfigError) as info:
         await duckdb_tool.run(config, make_ctx())
     assert info.value.field == field
+
+
+async def test_concurrent_calls_on_one_file_each_use_their_own_connection(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "shared.duckdb")
+    await _run(db_path=path, query="CREATE TABLE c (n INTEGER)")
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(
+                partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n])
+            )
+    result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n", as_objects=False)
+    assert result.data["rows"] == [[0], [1], [2], [3]]

@@ -22,7 +22,10 @@ def json_safe(value: Any) -> Any:
         if not value.is_finite():
             return str(value)
         # Integral decimals (COUNT over numeric, SUM of ints) stay exact as ints.
-        return int(value) if value == value.to_integral_value() else float(value)
+        if value == value.to_integral_value():
+            return int(value)
+        number = float(value)
+        return number if math.isfinite(number) else str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, dt.timedelta):

@@ -235,7 +235,10 @@ def _secret(auth: Mapping[str, Any], ctx: ToolContext, *inline: str) -> str:
 async def _client(ctx: ToolContext, verify: bool) -> httpx.AsyncClient:
     async def create() -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
-        return httpx.AsyncClient(verify=verify, limits=limits)
+        # Building the TLS context reads the CA bundle from disk: not on the trio thread.
+        return await trio.to_thread.run_sync(
+            lambda: httpx.AsyncClient(verify=verify, limits=limits)
+        )
 
     async def close(client: httpx.AsyncClient) -> None:
         await client.aclose()
