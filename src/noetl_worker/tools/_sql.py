@@ -18,6 +18,7 @@ _DOLLAR_TAG = re.compile(r"\$([A-Za-z_\x80-\uffff][A-Za-z0-9_\x80-\uffff]*)?\$")
 _IDENT_CHAR = re.compile(r"[A-Za-z0-9_$\x80-\uffff]")
 _NUMBERED = re.compile(r"(?<![A-Za-z0-9_$])\$([0-9]+)")
 _NAMED_DOLLAR = re.compile(r"(?<![A-Za-z0-9_$])\$([A-Za-z_][A-Za-z0-9_]*)")
+_OPENERS = re.compile(r"['\"$]|--|/\*")
 _PYFORMAT = re.compile(r"%(?:\(([^)]+)\))?[sbt]")
 
 
@@ -45,7 +46,9 @@ def segments(sql: str) -> Iterator[tuple[SegmentKind, str]]:
                 close = sql.find(tag.group(0), tag.end())
                 start, end = i, n if close < 0 else close + len(tag.group(0))
         if end is None:
-            i += 1
+            # Jump to the next character that can open a construct instead of stepping by one.
+            following = _OPENERS.search(sql, i + 1)
+            i = following.start() if following else n
             continue
         if start > code_start:
             yield "code", sql[code_start:start]
