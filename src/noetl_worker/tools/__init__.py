@@ -24,6 +24,10 @@ __all__ = [
 _BUILTIN: dict[str, str] = {
     "noop": "noetl_worker.tools.noop",
     "shell": "noetl_worker.tools.shell",
+    "http": "noetl_worker.tools.http",
+    "postgres": "noetl_worker.tools.postgres",
+    "duckdb": "noetl_worker.tools.duckdb",
+    "playbook": "noetl_worker.tools.playbook",
 }
 _loaded: dict[str, ToolFunction] = {}
 

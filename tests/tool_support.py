@@ -1,0 +1,49 @@
+"""Helpers shared by the tool tests: a ToolContext with a fake control plane."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from noetl_worker.config import Settings
+from noetl_worker.tools.base import ToolContext, ToolResources
+
+
+class NoServer:
+    """A ServerAPI for tools that must not talk to the control plane."""
+
+    async def get_json(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
+        raise AssertionError(f"unexpected GET {path}")
+
+    async def post_json(self, path: str, body: Any) -> Any:
+        raise AssertionError(f"unexpected POST {path}")
+
+    async def put_json(self, path: str, body: Any) -> Any:
+        raise AssertionError(f"unexpected PUT {path}")
+
+
+def make_ctx(
+    resources: ToolResources | None = None,
+    *,
+    server: Any = None,
+    secrets: Mapping[str, str] | None = None,
+    render: Callable[[Any], Any] | None = None,
+    **extra: Any,
+) -> ToolContext:
+    kwargs: dict[str, Any] = {}
+    if render is not None:
+        kwargs["render"] = render
+    return ToolContext(
+        execution_id=101,
+        step="step",
+        command_id="cmd-1",
+        worker_id="worker-test",
+        server_url="http://127.0.0.1:1",
+        variables={},
+        secrets=dict(secrets or {}),
+        server=server if server is not None else NoServer(),
+        resources=resources if resources is not None else ToolResources(),
+        settings=Settings.from_env({}),
+        **kwargs,
+        **extra,
+    )
