@@ -13,7 +13,8 @@ import trio
 from noetl_worker.errors import ToolConfigError
 from noetl_worker.tools import duckdb as duckdb_tool
 from noetl_worker.tools.base import ToolResult
-from tool_support import make_ctx
+
+from .tool_support import make_ctx
 
 
 async def _run(**config: Any) -> ToolResult:
@@ -54,8 +55,7 @@ async def test_file_database_persists_between_calls(tmp_path: Path) -> None:
     path = str(tmp_path / "db.duckdb")
     await _run(
         db_path=path,
-        query="CREATE TABLE k (v TIMESTAMP); INSERT INTO k VALUES "
-        "(TIMESTAMP '2026-03-04 05:06:07')",
+        query="CREATE TABLE k (v TIMESTAMP); INSERT INTO k VALUES (TIMESTAMP '2026-03-04 05:06:07')",
     )
     again = await _run(database=path, query="SELECT v FROM k")
     assert again.data["rows"] == [{"v": dt.datetime(2026, 3, 4, 5, 6, 7).isoformat()}]
@@ -72,9 +72,7 @@ async def test_error_names_statement_and_kind() -> None:
 async def test_cancellation_interrupts_the_query() -> None:
     with trio.fail_after(10):
         with trio.move_on_after(0.5) as scope:
-            await duckdb_tool.run(
-                {"query": "SELECT count(*) FROM range(100000000000) a"}, make_ctx()
-            )
+            await duckdb_tool.run({"query": "SELECT count(*) FROM range(100000000000) a"}, make_ctx())
     assert scope.cancelled_caught
 
 
@@ -99,8 +97,6 @@ async def test_concurrent_calls_on_one_file_each_use_their_own_connection(
     await _run(db_path=path, query="CREATE TABLE c (n INTEGER)")
     async with trio.open_nursery() as nursery:
         for n in range(4):
-            nursery.start_soon(
-                partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n])
-            )
+            nursery.start_soon(partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n]))
     result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n", as_objects=False)
     assert result.data["rows"] == [[0], [1], [2], [3]]

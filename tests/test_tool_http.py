@@ -17,7 +17,8 @@ from hypercorn.trio import serve
 from noetl_worker.errors import ToolConfigError
 from noetl_worker.tools import http
 from noetl_worker.tools.base import ToolResources
-from tool_support import make_ctx
+
+from .tool_support import make_ctx
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
 
@@ -190,9 +191,7 @@ async def test_non_2xx_is_an_error_result_with_body(
     assert result.data["body"] == {"detail": "nope"}
 
 
-async def test_total_deadline_stops_a_dribbling_response(
-    base_url: str, resources: ToolResources
-) -> None:
+async def test_total_deadline_stops_a_dribbling_response(base_url: str, resources: ToolResources) -> None:
     # Each byte arrives well within any per-read timeout; only a total deadline stops it.
     result = await _run(resources, url=f"{base_url}/slow", timeout_seconds=0.6)
     assert result.status == "timeout"

@@ -12,7 +12,8 @@ import trio
 from noetl_worker.errors import HTTPStatusError, ToolConfigError, TransportError
 from noetl_worker.tools import playbook
 from noetl_worker.tools.base import ToolResult
-from tool_support import make_ctx
+
+from .tool_support import make_ctx
 
 
 class ScriptedServer:
@@ -105,9 +106,7 @@ async def test_transient_errors_are_retried(autojump_clock: trio.abc.Clock) -> N
 
 async def test_failed_child_is_an_error_result(autojump_clock: trio.abc.Clock) -> None:
     failed = {"execution_id": "555", "completed": True, "failed": True}
-    server = ScriptedServer(
-        {"POST /api/execute": [STARTED], "GET /api/executions/555/status": [failed]}
-    )
+    server = ScriptedServer({"POST /api/execute": [STARTED], "GET /api/executions/555/status": [failed]})
     result, _ = await _run(server, {"path": "p"})
     assert result.status == "error"
     assert "555 failed" in (result.error or "")
@@ -125,9 +124,7 @@ async def test_status_strings_are_understood(autojump_clock: trio.abc.Clock) -> 
 
 
 async def test_timeout_reports_the_last_status(autojump_clock: trio.abc.Clock) -> None:
-    server = ScriptedServer(
-        {"POST /api/execute": [STARTED], "GET /api/executions/555/status": [RUNNING]}
-    )
+    server = ScriptedServer({"POST /api/execute": [STARTED], "GET /api/executions/555/status": [RUNNING]})
     slots = SlotRecorder(server)
     with trio.fail_after(3600):
         result = await playbook.run(

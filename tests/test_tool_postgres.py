@@ -16,7 +16,8 @@ import trio
 from noetl_worker.errors import ToolConfigError
 from noetl_worker.tools import postgres
 from noetl_worker.tools.base import ToolResources, ToolResult
-from tool_support import make_ctx
+
+from .tool_support import make_ctx
 
 DSN = os.environ.get("NOETL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 

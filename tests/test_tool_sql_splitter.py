@@ -54,8 +54,7 @@ def test_segments_reassemble_any_text(text: str) -> None:
             "create function f() returns int as $body$ begin return 1; end $body$ language plpgsql;"
             " select f()",
             [
-                "create function f() returns int as $body$ begin return 1; end $body$"
-                " language plpgsql",
+                "create function f() returns int as $body$ begin return 1; end $body$ language plpgsql",
                 "select f()",
             ],
         ),

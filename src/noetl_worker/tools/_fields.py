@@ -59,6 +59,4 @@ def choice(
         for option in accepted:
             if value.strip().lower() == option.lower():
                 return option
-    raise ToolConfigError(
-        kind, name, f"{value!r} is not accepted: expected one of {', '.join(accepted)}"
-    )
+    raise ToolConfigError(kind, name, f"{value!r} is not accepted: expected one of {', '.join(accepted)}")

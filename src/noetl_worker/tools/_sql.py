@@ -124,10 +124,7 @@ def has_markers(statement: str) -> bool:
     """Whether the statement has a parameter marker: ``$1``, ``$name``, ``?``, ``%s``, ``%(n)s``."""
     for kind, text in segments(statement):
         if kind == "code" and (
-            _NUMBERED.search(text)
-            or _NAMED_DOLLAR.search(text)
-            or "?" in text
-            or _PYFORMAT.search(text)
+            _NUMBERED.search(text) or _NAMED_DOLLAR.search(text) or "?" in text or _PYFORMAT.search(text)
         ):
             return True
     return False

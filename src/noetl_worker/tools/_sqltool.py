@@ -66,13 +66,10 @@ def read_params(kind: str, config: Mapping[str, Any], ctx: ToolContext) -> Any:
     raise ToolConfigError(kind, "params", f"expected a list or an object, got {params!r}")
 
 
-def rows_result(
-    columns: Sequence[str], rows: Sequence[Sequence[Any]], as_objects: bool
-) -> dict[str, Any]:
+def rows_result(columns: Sequence[str], rows: Sequence[Sequence[Any]], as_objects: bool) -> dict[str, Any]:
     if as_objects:
         shaped: list[Any] = [
-            {column: json_safe(value) for column, value in zip(columns, row, strict=True)}
-            for row in rows
+            {column: json_safe(value) for column, value in zip(columns, row, strict=True)} for row in rows
         ]
     else:
         shaped = [[json_safe(value) for value in row] for row in rows]

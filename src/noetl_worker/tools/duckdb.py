@@ -40,9 +40,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     params = _sqltool.read_params(KIND, config, ctx)
     as_objects = _fields.flag(KIND, config, "as_objects", default=True)
     read_only = _fields.flag(KIND, config, "read_only", default=False)
-    bound = [
-        (s, params if params is not None and _sql.has_markers(s) else None) for s in statements
-    ]
+    bound = [(s, params if params is not None and _sql.has_markers(s) else None) for s in statements]
 
     try:
         conn = await trio.to_thread.run_sync(_connect, path, read_only)
@@ -55,9 +53,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             stop.set()
             conn.interrupt()
 
-        results = await run_interruptible(
-            lambda: _execute(conn, bound, as_objects, stop), interrupt
-        )
+        results = await run_interruptible(lambda: _execute(conn, bound, as_objects, stop), interrupt)
     except _StatementError as exc:
         return _sqltool.error_result(KIND, None, _message(exc.error), exc.index, len(statements))
     finally:
@@ -67,9 +63,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
 
 
 def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
-    config: dict[str, str | bool | int | float | list[str]] = {
-        "autoinstall_known_extensions": False
-    }
+    config: dict[str, str | bool | int | float | list[str]] = {"autoinstall_known_extensions": False}
     return duckdb.connect(path, read_only=read_only, config=config)
 
 

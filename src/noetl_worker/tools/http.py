@@ -236,9 +236,7 @@ async def _client(ctx: ToolContext, verify: bool) -> httpx.AsyncClient:
     async def create() -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
         # Building the TLS context reads the CA bundle from disk: not on the trio thread.
-        return await trio.to_thread.run_sync(
-            lambda: httpx.AsyncClient(verify=verify, limits=limits)
-        )
+        return await trio.to_thread.run_sync(lambda: httpx.AsyncClient(verify=verify, limits=limits))
 
     async def close(client: httpx.AsyncClient) -> None:
         await client.aclose()
@@ -248,9 +246,7 @@ async def _client(ctx: ToolContext, verify: bool) -> httpx.AsyncClient:
 
 def _timeout_result(method: str, url: str, timeout: float, exc: Exception | None) -> ToolResult:
     detail = f" ({type(exc).__name__})" if exc is not None else ""
-    return ToolResult(
-        "timeout", error=f"HTTP {method} {url} did not complete within {timeout:g} s{detail}"
-    )
+    return ToolResult("timeout", error=f"HTTP {method} {url} did not complete within {timeout:g} s{detail}")
 
 
 def _result(response: httpx.Response, response_type: str | None, elapsed: float) -> ToolResult:
@@ -274,9 +270,7 @@ def _decode_body(response: httpx.Response, response_type: str | None) -> Any:
     if response_type is None:
         if "json" in content_type:
             response_type = "json"
-        elif (
-            content_type.startswith("text/") or "xml" in content_type or "charset=" in content_type
-        ):
+        elif content_type.startswith("text/") or "xml" in content_type or "charset=" in content_type:
             response_type = "text"
         else:
             response_type = "text" if _is_utf8(raw) else "binary"

@@ -64,9 +64,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         data = dict(started) if isinstance(started, Mapping) else {"response": started}
         return ToolResult("success", data={**data, "execution_id": execution_id})
     if execution_id is None:
-        return ToolResult(
-            "error", data={"response": started}, error="POST /api/execute gave no execution_id"
-        )
+        return ToolResult("error", data={"response": started}, error="POST /api/execute gave no execution_id")
 
     path = f"/api/executions/{execution_id}/status"
     last: Any = None
@@ -115,9 +113,7 @@ def _execute_body(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]
     body["payload"] = dict(payload_value)
     parent = config.get("parent_execution_id")
     # A string: the Python server's execution ids are strings, and it does not coerce ints.
-    body["parent_execution_id"] = str(
-        ctx.render(parent) if parent is not None else ctx.execution_id
-    )
+    body["parent_execution_id"] = str(ctx.render(parent) if parent is not None else ctx.execution_id)
     return body
 
 
@@ -146,9 +142,7 @@ def _outcome(status: Any) -> str | None:
     return None
 
 
-async def _retrying(
-    what: str, call: Callable[[], Awaitable[T]], *, attempts: int | None = None
-) -> T:
+async def _retrying(what: str, call: Callable[[], Awaitable[T]], *, attempts: int | None = None) -> T:
     """``call()``, retried on transport errors and retryable statuses with capped backoff."""
     delay = BACKOFF_FIRST
     attempt = 0

@@ -53,9 +53,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
                 conn.cancel_safe(timeout=5.0)
 
             try:
-                results = await run_interruptible(
-                    lambda: _execute(conn, bound, as_objects, stop), interrupt
-                )
+                results = await run_interruptible(lambda: _execute(conn, bound, as_objects, stop), interrupt)
             except _StatementError as exc:  # the connection is still good: keep it
                 error = exc.error
                 return _sqltool.error_result(
