@@ -8,7 +8,9 @@ same server come back.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -65,6 +67,9 @@ class NatsServer:
     ready_timeout: float = 10.0
     binary: Path = attrs.field(factory=find_nats_server)
     process: trio.Process | None = None
+    # A unique server_name: readiness checks that the INFO greeting comes from *this* process,
+    # not from another server already holding the port.
+    server_name: str = attrs.field(factory=lambda: f"noetl-test-{secrets.token_hex(6)}")
     _own_dir: Path | None = attrs.field(default=None, init=False)
 
     @property
@@ -94,7 +99,8 @@ class NatsServer:
             self.port = free_port(self.host)
         if self.monitor_port == 0:
             self.monitor_port = free_port(self.host)
-        args = [str(self.binary), "-a", self.host, "-p", str(self.port), "-l", str(self.log_path)]
+        args = [str(self.binary), "-a", self.host, "-p", str(self.port), "-n", self.server_name]
+        args += ["-l", str(self.log_path)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.store_dir)]
         if self.monitor_port is not None:
@@ -129,13 +135,23 @@ class NatsServer:
                     retry = min(retry * 2, 0.1)
                     continue
                 async with stream:
-                    greeting = await stream.receive_some(4096)
-                if greeting.startswith(b"INFO"):
+                    greeting = await stream.receive_some(8192)
+                if self._is_our_greeting(greeting):
                     return
+                await trio.sleep(retry)  # someone else answers on our port: wait for our exit
         raise NatsServerError(
             f"nats-server on {self.url} not ready after {self.ready_timeout} s; "
             f"log: {self._log_tail()}"
         )
+
+    def _is_our_greeting(self, greeting: bytes) -> bool:
+        if not greeting.startswith(b"INFO "):
+            return False
+        try:
+            info = json.loads(greeting[5:].split(b"\r\n", 1)[0])
+        except ValueError:
+            return False
+        return isinstance(info, dict) and info.get("server_name") == self.server_name
 
     def _log_tail(self) -> str:
         try:

@@ -78,6 +78,7 @@ def build_app(state: StubState) -> Callable[..., Awaitable[None]]:
             received_at=time.monotonic(),
         )
         state.request_log.append(record)
+        state._changed()  # lets tests wait for a request to arrive, e.g. one that will hang
         response = await _answer(request)
         record.status = response.status
         state._changed()
