@@ -763,3 +763,35 @@ async def test_open_stub_server_exits_promptly_with_a_hanging_request() -> None:
             await stub.state.wait_for(lambda: len(stub.state.request_log) == 1, timeout=5)
             # Leaving the block stopped hypercorn within its graceful timeout (1 s) even
             # though a request was still hanging; the client sees the connection close.
+
+
+async def test_heartbeat_recreates_a_lost_runtime_when_enabled() -> None:
+    state = StubState(auto_recreate_runtime=True)
+    with trio.fail_after(10):
+        async with (
+            open_stub_server(state) as stub,
+            httpx.AsyncClient(base_url=stub.url) as client,
+        ):
+            registration = {"name": "w9", "runtime": {"kind": "python"}}
+            answer = await client.post(
+                "/api/worker/pool/heartbeat", json={"name": "w9", "registration": registration}
+            )
+            assert answer.status_code == 200
+            assert answer.json()["status"] == "recreated"
+            assert state.pools["w9"].status == "ready"
+            assert len(state.heartbeats["w9"]) == 1
+
+
+async def test_rust_flavor_faults_and_validation_use_the_error_shape() -> None:
+    state = StubState(flavor="rust")
+    with trio.fail_after(10):
+        async with (
+            open_stub_server(state) as stub,
+            httpx.AsyncClient(base_url=stub.url) as client,
+        ):
+            state.inject("POST", "/api/events", 502)
+            injected = await client.post("/api/events", json={})
+            assert injected.json() == {"error": "injected fault: HTTP 502", "status": 502}
+            invalid = await client.post("/api/events", json={"execution_id": 1})
+            assert invalid.status_code == 422
+            assert invalid.json()["status"] == 422 and "name" in invalid.json()["error"]

@@ -336,19 +336,14 @@ class CommandRoutes:
         return event.event_id
 
     def _find_duplicate(self, item: EventItem) -> int | None:
-        for event in self.state.events:
-            if event.execution_id != item.execution_id:
-                continue
-            if item.client_event_id is not None and event.client_event_id == item.client_event_id:
-                return event.event_id
-            if (
-                item.name in IDEMPOTENT_EVENT_TYPES
-                and item.command_id is not None
-                and event.event_type == item.name
-                and event.step == item.step
-                and event.command_id == item.command_id
-            ):
-                return event.event_id
+        state = self.state
+        if item.client_event_id is not None:
+            found = state.find_event(("client", item.execution_id, str(item.client_event_id)))
+            if found is not None:
+                return found
+        if item.name in IDEMPOTENT_EVENT_TYPES and item.command_id is not None:
+            key = ("cmd", item.execution_id, item.name, str(item.step), item.command_id)
+            return state.find_event(key)
         return None
 
     def _update_row(self, item: EventItem) -> None:

@@ -218,6 +218,9 @@ class StubState:
     request_log: list[RecordedRequest] = attrs.field(factory=list)
     server_errors: list[BaseException] = attrs.field(factory=list)
 
+    # Indexes so a benchmark of thousands of commands does not scan lists per request.
+    _by_command_id: dict[str, StubCommand] = attrs.field(init=False, factory=dict, repr=False)
+    _event_index: dict[tuple[str, ...], int] = attrs.field(init=False, factory=dict, repr=False)
     _ids: Iterator[int] = attrs.field(
         init=False, factory=lambda: itertools.count(_ID_BASE), repr=False
     )
@@ -312,6 +315,7 @@ class StubState:
             server_url=self.server_url,
         )
         self.commands[event_id] = command
+        self._by_command_id[str(command_id)] = command
         self._record_event(
             execution_id=str(execution_id),
             event_type="command.issued",
@@ -336,18 +340,17 @@ class StubState:
             return key
         if isinstance(key, int) and key in self.commands:
             return self.commands[key]
-        for row in self.commands.values():
-            if str(row.command_id) == str(key):
-                return row
-        raise KeyError(f"no command with event_id or command_id {key!r}")
+        row = self._by_command_id.get(str(key))
+        if row is None:
+            raise KeyError(f"no command with event_id or command_id {key!r}")
+        return row
 
     def find_command_by_command_id(self, command_id: Any) -> StubCommand | None:
-        if command_id is None:
-            return None
-        for row in self.commands.values():
-            if str(row.command_id) == str(command_id):
-                return row
-        return None
+        return None if command_id is None else self._by_command_id.get(str(command_id))
+
+    def find_event(self, key: tuple[str, ...]) -> int | None:
+        """An earlier event's id by dedupe key (see ``_index_event``)."""
+        return self._event_index.get(key)
 
     def _externalize(self, context: dict[str, Any], execution_id: int, step: str) -> dict[str, Any]:
         if self.externalize_over is None:
@@ -417,7 +420,17 @@ class StubState:
             via=via,
         )
         self.events.append(event)
+        self._index_event(event)
         return event
+
+    def _index_event(self, event: StubEvent) -> None:
+        key: tuple[str, ...]
+        if event.client_event_id is not None:
+            key = ("client", event.execution_id, str(event.client_event_id))
+            self._event_index.setdefault(key, event.event_id)
+        if event.command_id is not None:
+            key = ("cmd", event.execution_id, event.event_type, str(event.step), event.command_id)
+            self._event_index.setdefault(key, event.event_id)
 
     # ------------------------------------------------------------------ results, credentials
 
