@@ -55,6 +55,7 @@ class WorkerState:
     runtime: Runtime | None = None
     stop: trio.Event = attrs.field(factory=trio.Event)
     started: trio.Event = attrs.field(factory=trio.Event)
+    ready: trio.Event = attrs.field(factory=trio.Event)  # set the first time /readyz turns 200
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining or self.stop.is_set():
@@ -170,7 +171,10 @@ async def serve(
 
 
 def _update_ready(state: WorkerState, metrics: Metrics) -> None:
-    metrics.ready.set(1 if state.readiness()[0] else 0)
+    ready = state.readiness()[0]
+    metrics.ready.set(1 if ready else 0)
+    if ready:
+        state.ready.set()
 
 
 async def _run_tree(
@@ -253,6 +257,7 @@ async def _heartbeat(rt: Runtime, state: WorkerState) -> None:
             else:
                 await rt.plane.heartbeat()
             state.last_heartbeat = trio.current_time()
+            _update_ready(state, rt.metrics)
             backoff.reset()
             delay = rt.settings.heartbeat_interval
         except HTTPStatusError as exc:
@@ -295,6 +300,7 @@ async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerS
             if not bus.bound:
                 await bus.ensure_stream()
                 await bus.bind_consumer()
+                _update_ready(state, rt.metrics)
                 log.info(
                     "consumer %s bound on stream %s (ack_wait %gs)",
                     rt.settings.consumer,

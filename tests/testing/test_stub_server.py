@@ -164,9 +164,7 @@ async def test_claim_arbitration_rust_flavor() -> None:
             assert missing.json() == {"error": "command not found: 7", "status": 404}
 
 
-async def test_concurrent_claims_have_exactly_one_winner(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_concurrent_claims_have_exactly_one_winner(stub: StubServer, client: httpx.AsyncClient) -> None:
     cmd = enqueue(stub.state)
     statuses: list[int] = []
 
@@ -218,9 +216,7 @@ async def test_claim_without_worker_id_is_422(stub: StubServer, client: httpx.As
 # ---------------------------------------------------------------------- events
 
 
-async def test_event_lifecycle_moves_the_command_row(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_event_lifecycle_moves_the_command_row(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         cmd = enqueue(stub.state)
         assert stub.state.command(cmd).status == "PENDING"
@@ -282,9 +278,7 @@ async def test_payloads_breaking_the_reference_only_contract_are_500(
         assert "call.done" not in stub.state.event_types(1)
 
 
-async def test_allowed_result_keys_are_accepted(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_allowed_result_keys_are_accepted(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         cmd = enqueue(stub.state)
         result = {
@@ -356,9 +350,7 @@ async def test_batch_is_accepted_with_202_and_idempotency_key(
         assert answer["status"] == "accepted"
         assert answer["duplicate"] is False and answer["idempotency_key"] == "k1"
         assert len(answer["event_ids"]) == 2
-        again = await client.post(
-            "/api/events/batch", json=body, headers={"X-Idempotency-Key": "k1"}
-        )
+        again = await client.post("/api/events/batch", json=body, headers={"X-Idempotency-Key": "k1"})
         assert again.status_code == 202
         assert again.json() == {**answer, "duplicate": True}
         assert stub.state.event_types(cmd).count("command.started") == 1
@@ -402,9 +394,7 @@ async def test_batch_limits_and_validation_reject_the_whole_batch(
 # ---------------------------------------------------------------------- waiting
 
 
-async def test_wait_terminal_wakes_on_the_terminal_event(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_wait_terminal_wakes_on_the_terminal_event(stub: StubServer, client: httpx.AsyncClient) -> None:
     cmds = [enqueue(stub.state), enqueue(stub.state)]
 
     async def finish() -> None:
@@ -423,9 +413,7 @@ async def test_wait_terminal_wakes_on_the_terminal_event(
 # ---------------------------------------------------------------------- worker pool registry
 
 
-async def test_register_heartbeat_deregister_and_list(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_register_heartbeat_deregister_and_list(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         reg = await client.post(
             "/api/worker/pool/register",
@@ -481,9 +469,7 @@ async def test_register_heartbeat_deregister_and_list(
         gone = await client.request("DELETE", "/api/worker/pool/deregister", json={"name": "w1"})
         assert gone.json() == {"status": "ok", "name": "w1", "kind": "worker_pool"}
         assert stub.state.pools["w1"].status == "offline"
-        assert (
-            await client.post("/api/worker/pool/deregister", json={"name": "w1"})
-        ).status_code == 200
+        assert (await client.post("/api/worker/pool/deregister", json={"name": "w1"})).status_code == 200
         assert stub.state.deregistrations == ["w1", "w1"]
         offline = (await client.get("/api/worker/pools", params={"status": "ready"})).json()
         assert offline["count"] == 0
@@ -492,9 +478,7 @@ async def test_register_heartbeat_deregister_and_list(
 # ---------------------------------------------------------------------- results and credentials
 
 
-async def test_result_put_resolve_and_step_lookup(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_result_put_resolve_and_step_lookup(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         data = {"status": "success", "data": {"rows": [[1, "a"]] * 50}}
         put = await client.put(
@@ -520,9 +504,7 @@ async def test_result_put_resolve_and_step_lookup(
         assert meta["ref"] == ref["ref"]
         unknown = await client.get("/api/result/resolve", params={"ref": "noetl://nope"})
         assert unknown.status_code == 404
-        bad_scope = await client.put(
-            "/api/result/42", json={"name": "x", "data": 1, "scope": "galaxy"}
-        )
+        bad_scope = await client.put("/api/result/42", json={"name": "x", "data": 1, "scope": "galaxy"})
         assert bad_scope.status_code == 400
 
 
@@ -557,9 +539,7 @@ async def test_credentials_plain_and_sealed(stub: StubServer, client: httpx.Asyn
 
     with trio.fail_after(10):
         record = stub.state.add_credential("pg", "postgres", {"db_host": "h", "db_port": 5432})
-        plain = await client.get(
-            "/api/credentials/pg", params={"include_data": "true", "execution_id": "1"}
-        )
+        plain = await client.get("/api/credentials/pg", params={"include_data": "true", "execution_id": "1"})
         assert plain.json() == {
             "id": record["id"],
             "name": "pg",
@@ -580,9 +560,7 @@ async def test_credentials_plain_and_sealed(stub: StubServer, client: httpx.Asyn
         assert (await client.get(sealed_url, params=params)).status_code == 404  # unregistered
 
         secret = X25519PrivateKey.generate()
-        public = secret.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        public = secret.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         await client.post(
             "/api/worker/pool/register",
             json={
@@ -592,12 +570,8 @@ async def test_credentials_plain_and_sealed(stub: StubServer, client: httpx.Asyn
         )
         envelope = (await client.get(sealed_url, params=params)).json()
         assert envelope["alg"] == "x25519-hkdf-sha256-chacha20-poly1305" and envelope["v"] == 1
-        shared = secret.exchange(
-            X25519PublicKey.from_public_bytes(base64.b64decode(envelope["eph_pub"]))
-        )
-        okm = HKDF(algorithm=hashes.SHA256(), length=44, salt=None, info=b"noetl-sealed-v1").derive(
-            shared
-        )
+        shared = secret.exchange(X25519PublicKey.from_public_bytes(base64.b64decode(envelope["eph_pub"])))
+        okm = HKDF(algorithm=hashes.SHA256(), length=44, salt=None, info=b"noetl-sealed-v1").derive(shared)
         opened = ChaCha20Poly1305(okm[:32]).decrypt(
             okm[32:],
             base64.b64decode(envelope["ciphertext"]),
@@ -624,9 +598,7 @@ async def test_keychain_get_post_and_scopes(stub: StubServer, client: httpx.Asyn
         assert stored.json()["cache_key"] == "token:5:77"
         assert stored.json()["ttl_seconds"] == 3600
         got = (
-            await client.get(
-                "/api/keychain/5/token", params={"execution_id": "77", "scope_type": "local"}
-            )
+            await client.get("/api/keychain/5/token", params={"execution_id": "77", "scope_type": "local"})
         ).json()
         assert got["status"] == "success" and got["token_data"] == {"access_token": "t"}
         assert got["expired"] is False and got["access_count"] == 1
@@ -682,9 +654,7 @@ async def test_execute_and_scripted_child_completion() -> None:
 # ---------------------------------------------------------------------- faults and the log
 
 
-async def test_injected_statuses_then_normal_service(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_injected_statuses_then_normal_service(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         cmd = enqueue(stub.state)
         fault = stub.state.inject("POST", r"/claim$", 503, times=2, retry_after=1)
@@ -701,9 +671,7 @@ async def test_injected_statuses_then_normal_service(
         assert stub.state.requests_to(r"/claim$", "POST")[0].status == 503
 
 
-async def test_injected_delay_hangs_the_request(
-    stub: StubServer, client: httpx.AsyncClient
-) -> None:
+async def test_injected_delay_hangs_the_request(stub: StubServer, client: httpx.AsyncClient) -> None:
     with trio.fail_after(10):
         stub.state.inject("GET", r"^/api/vars/", None, delay=30)
         with pytest.raises(httpx.ReadTimeout):

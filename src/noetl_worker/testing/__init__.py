@@ -43,3 +43,7 @@ __all__ = [
     "seal_credential",
     "serve_stub",
 ]
+
+from .harness import Publisher, open_publisher, open_worker
+
+__all__ += ["Publisher", "open_publisher", "open_worker"]

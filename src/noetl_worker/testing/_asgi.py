@@ -120,9 +120,7 @@ def make_app(on_request: OnRequest) -> Callable[[Scope, Receive, Send], Awaitabl
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = {
             k: v[0]
-            for k, v in parse_qs(
-                scope.get("query_string", b"").decode(), keep_blank_values=True
-            ).items()
+            for k, v in parse_qs(scope.get("query_string", b"").decode(), keep_blank_values=True).items()
         }
         request = Request(
             method=scope["method"].upper(),
@@ -139,9 +137,7 @@ def make_app(on_request: OnRequest) -> Callable[[Scope, Receive, Send], Awaitabl
         )
         raw_headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(payload))]
         raw_headers += [(k.encode(), v.encode()) for k, v in response.headers.items()]
-        await send(
-            {"type": "http.response.start", "status": response.status, "headers": raw_headers}
-        )
+        await send({"type": "http.response.start", "status": response.status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
 
     return app

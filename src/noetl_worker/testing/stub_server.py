@@ -49,9 +49,7 @@ def _fault_response(state: StubState, fault: Fault) -> Response:
             code="pool_saturated",
             retry_after=fault.retry_after,
         )
-    return error(
-        state, fault.status, f"injected fault: HTTP {fault.status}", retry_after=fault.retry_after
-    )
+    return error(state, fault.status, f"injected fault: HTTP {fault.status}", retry_after=fault.retry_after)
 
 
 def _seconds(value: float) -> str:
@@ -101,9 +99,7 @@ def build_app(state: StubState) -> Callable[..., Awaitable[None]]:
         except BadRequest as exc:
             if state.flavor == "rust":
                 return Response(422, {"error": str(exc), "status": 422})
-            return Response(
-                422, {"detail": [{"type": "value_error", "loc": ["body"], "msg": str(exc)}]}
-            )
+            return Response(422, {"detail": [{"type": "value_error", "loc": ["body"], "msg": str(exc)}]})
         except Exception as exc:
             # A bug in the stub must be loud in the test that hit it, not a silent 500.
             log.exception("stub control plane handler failed")
