@@ -11,9 +11,19 @@ import importlib
 from ..errors import ToolError
 from .base import ToolContext, ToolFunction, ToolResources, ToolResult
 
-__all__ = ["ToolContext", "ToolFunction", "ToolResources", "ToolResult", "kinds", "register", "resolve"]
+__all__ = [
+    "ToolContext",
+    "ToolFunction",
+    "ToolResources",
+    "ToolResult",
+    "kinds",
+    "register",
+    "resolve",
+]
 
 _BUILTIN: dict[str, str] = {
+    "python": "noetl_worker.tools.python",
+    "task_sequence": "noetl_worker.tools.task_sequence",
     "noop": "noetl_worker.tools.noop",
     "shell": "noetl_worker.tools.shell",
 }
