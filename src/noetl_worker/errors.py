@@ -75,3 +75,18 @@ class ToolConfigError(ToolError):
         self.field = field
         self.problem = problem
         super().__init__(f"Configuration error: {kind}.{field}: {problem}")
+
+
+class TemplateError(ToolError):
+    """A Jinja template in a tool's configuration could not be rendered.
+
+    A ``ToolError`` rather than a ``ToolConfigError``: the renderer is shared by every tool and by
+    dispatch and does not know which tool kind or field it is rendering, while
+    ``ToolConfigError`` requires both. Dispatch treats the two alike (``call.error`` +
+    ``command.failed``, never retried). ``template`` holds the template text (truncated).
+    """
+
+    def __init__(self, template: str, problem: str) -> None:
+        self.template = template if len(template) <= 500 else template[:500] + "…"
+        self.problem = problem
+        super().__init__(f"Template error: {problem} in {self.template!r}")

@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _BUILTIN: dict[str, str] = {
+    "python": "noetl_worker.tools.python",
+    "task_sequence": "noetl_worker.tools.task_sequence",
     "noop": "noetl_worker.tools.noop",
     "shell": "noetl_worker.tools.shell",
     "http": "noetl_worker.tools.http",

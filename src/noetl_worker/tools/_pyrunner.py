@@ -1,0 +1,319 @@
+"""The fork server of the ``python`` tool: the child side, run as ``python _pyrunner.py <fd>``.
+
+This file is executed as a standalone script by the interpreter a step asks for, so it imports
+nothing from ``noetl_worker`` and only the standard library.
+
+Protocol (one long-lived server process per interpreter, DESIGN of ``tools/_forkserver.py``):
+
+- ``<fd>`` is a ``SOCK_SEQPACKET`` unix socket to the worker. The server writes ``b"R"`` once its
+  imports are done. Each request is one packet ``b"C"`` carrying three file descriptors
+  (``SCM_RIGHTS``): the *call* socket, the stdout pipe and the stderr pipe of one call.
+- For each request the server forks a child. The child starts a new session (so a kill of its
+  process group also reaches anything it spawned), points fds 1/2 at the pipes, closes every
+  other inherited descriptor, writes ``{"pid": …}`` on the call socket, reads one JSON line
+  (the request: code, args, env, cwd, memory limit), runs the code and writes one JSON line with
+  the outcome, then ``os._exit(0)``.
+- The server reaps children on ``SIGCHLD`` and writes ``{"exit": <code or -signal>}`` on that
+  child's call socket before closing it, so the worker learns how a crashed child ended.
+- When the worker's end of ``<fd>`` closes (worker exit or tool shutdown) the server kills every
+  child's process group and exits.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import builtins
+import dataclasses
+import datetime
+import decimal
+import gc
+import inspect
+import io
+import json
+import math
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import traceback
+import uuid
+from typing import Any
+
+# Imported once here so every forked child gets them for free (copy-on-write).
+import asyncio  # isort: skip
+import collections  # noqa: F401  # isort: skip
+import hashlib  # noqa: F401  # isort: skip
+import re  # noqa: F401  # isort: skip
+import time  # noqa: F401  # isort: skip
+import urllib.parse  # noqa: F401  # isort: skip
+
+CALL_FD = 3
+_MAX_DEPTH = 200
+
+
+def _noop(signum: int, frame: Any) -> None:
+    """SIGCHLD only needs to wake the selector (via the wakeup fd)."""
+
+
+def _send_line(fd: int, message: dict[str, Any]) -> None:
+    try:
+        os.write(fd, json.dumps(message).encode() + b"\n")
+    except OSError:
+        pass  # the worker gave up on this call; nothing to tell
+
+
+def _reap(children: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = children.pop(pid, None)
+        if fd is not None:
+            _send_line(fd, {"exit": os.waitstatus_to_exitcode(status)})
+            os.close(fd)
+
+
+def _shutdown(children: dict[int, int]) -> None:
+    for pid in list(children):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid, fd in list(children.items()):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(fd)
+
+
+def serve(control_fd: int) -> None:
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(True)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, _noop)
+    # The worker's SIGINT (Ctrl-C in a terminal reaches the whole foreground group) must not kill
+    # the server; the worker closes the control socket when it wants us gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: dict[int, int] = {}
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    # Objects that exist now are never collected: keeps the GC from touching (and so copying)
+    # the pre-imported modules' pages in every forked child.
+    gc.freeze()
+    control.sendall(b"R")
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj == wake_r:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            fds = array.array("i")
+            msg, ancdata, _flags, _addr = control.recvmsg(16, socket.CMSG_SPACE(3 * fds.itemsize))
+            if not msg:
+                _shutdown(children)
+                return
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+            if len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            call_fd, out_fd, err_fd = fds
+            os.set_inheritable(call_fd, False)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _child(call_fd, out_fd, err_fd)
+                finally:
+                    os._exit(70)
+            os.close(out_fd)
+            os.close(err_fd)
+            os.set_blocking(call_fd, False)
+            children[pid] = call_fd
+        _reap(children)
+
+
+def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    if call_fd != CALL_FD:
+        os.dup2(call_fd, CALL_FD)
+    # Other calls' sockets must not stay open in this child, or their EOF would wait for it.
+    os.closerange(CALL_FD + 1, 1 << 20)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True,
+    )  # fmt: skip
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True,
+    )  # fmt: skip
+    call = socket.socket(fileno=CALL_FD)
+    call.setblocking(True)
+    call.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+    line = call.makefile("rb").readline()
+    if not line:
+        os._exit(0)  # the worker went away before sending the request
+    request = json.loads(line)
+    outcome = _execute(request)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    try:
+        payload = json.dumps(outcome, allow_nan=False).encode()
+    except Exception as exc:
+        payload = json.dumps(_error_outcome(exc, "encoding the result")).encode()
+    call.sendall(payload + b"\n")
+    os._exit(0)
+
+
+def _apply_limits(request: dict[str, Any]) -> None:
+    limit_mb = request.get("memory_limit_mb")
+    if limit_mb:
+        limit = int(limit_mb) * 1024 * 1024
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _execute(request: dict[str, Any]) -> dict[str, Any]:
+    try:
+        os.environ.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+        if request.get("cwd"):
+            os.chdir(request["cwd"])
+        if request.get("path"):
+            sys.path[:0] = [str(p) for p in request["path"]]
+        _apply_limits(request)
+        args: dict[str, Any] = request.get("args") or {}
+        namespace: dict[str, Any] = {
+            "__name__": "__main__",
+            "__builtins__": builtins,
+            "__file__": request.get("filename", "<python step>"),
+            "json": json,
+            "os": os,
+            "datetime": datetime,
+            "uuid": uuid,
+            "context": request.get("context", {}),
+        }
+        namespace.update((k, v) for k, v in args.items() if k.isidentifier())
+        namespace["args"] = args
+        code = compile(request["code"], request.get("filename", "<python step>"), "exec")
+        exec(code, namespace)
+        main = namespace.get("main")
+        if callable(main):
+            value = main(**_accepted_kwargs(main, args))
+            if inspect.isawaitable(value):
+                value = asyncio.run(_await(value))
+            if value is not None:
+                return {"ok": True, "has_value": True, "data": to_jsonable(value)}
+        if namespace.get("result") is not None:
+            return {"ok": True, "has_value": True, "data": to_jsonable(namespace["result"])}
+        return {"ok": True, "has_value": False}
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            return {"ok": True, "has_value": False}
+        return _error_outcome(exc, None)
+    except BaseException as exc:
+        return _error_outcome(exc, None)
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+def _accepted_kwargs(main: Any, args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(main).parameters.values()
+    except (TypeError, ValueError):
+        return dict(args)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(args)
+    names = {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {k: v for k, v in args.items() if k in names}
+
+
+def _error_outcome(exc: BaseException, during: str | None) -> dict[str, Any]:
+    detail = str(exc)
+    message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if during:
+        message = f"{message} (while {during})"
+    # The runner's own frames say nothing to the playbook author; start at the user's code.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return {
+        "ok": False,
+        "error": message,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+    }
+
+
+def to_jsonable(value: Any, _depth: int = 0) -> Any:
+    """Convert a user result into JSON-compatible data; unknown objects become their repr."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if _depth > _MAX_DEPTH:
+        return repr(value)
+    if isinstance(value, dict):
+        return {_key(k): to_jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return [to_jsonable(v, _depth + 1) for v in items]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        if value.is_finite() and value == value.to_integral_value():
+            return int(value)
+        as_float = float(value)
+        return as_float if decimal.Decimal(repr(as_float)) == value else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value), _depth + 1)
+    return repr(value)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    return str(key)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+        sys.exit(f"usage: {sys.argv[0]} <control-fd>")
+    serve(int(sys.argv[1]))
