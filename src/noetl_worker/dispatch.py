@@ -20,12 +20,13 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
 import trio
 
-from . import logs, tools
+from . import logs, templating, tools
 from .bus import Message
 from .config import Settings
 from .control_plane import (
@@ -189,21 +190,17 @@ class Runtime:
 
 def _variables(command: Command, settings: Settings) -> dict[str, Any]:
     render_context = command.context.get("render_context")
-    variables: dict[str, Any] = dict(render_context) if isinstance(render_context, Mapping) else {}
-    if "ctx" not in variables:
-        variables["ctx"] = dict(variables)
-        variables.setdefault("workload", variables["ctx"])
-    variables.setdefault("action", command.tool_kind)
-    variables.setdefault("node_name", command.step)
-    variables.setdefault("execution_id", str(command.execution_id))
-    variables.setdefault("step", command.step)
-    variables.setdefault("command_id", command.command_id)
-    variables.setdefault("worker_id", settings.worker_id)
-    variables.setdefault("server_url", command.server_url)
-    frame, row = command.cursor
-    if "cursor" in command.meta:
-        variables["__cursor_frame"], variables["__cursor_row"] = frame, row
-    return variables
+    cursor = command.meta.get("cursor")
+    return templating.build_variables(
+        render_context if isinstance(render_context, Mapping) else {},
+        execution_id=str(command.execution_id),
+        step=command.step,
+        command_id=command.command_id,
+        worker_id=settings.worker_id,
+        server_url=command.server_url,
+        tool_kind=command.tool_kind,
+        cursor=cursor if isinstance(cursor, Mapping) else None,
+    )
 
 
 class Settle:
@@ -314,13 +311,15 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     )
     started = events.started()
     sender = _StartedSender(rt, command.server_url, started)
+    variables = _variables(command, rt.settings)
     ctx = ToolContext(
         execution_id=command.execution_id,
         step=command.step,
         command_id=command.command_id,
         worker_id=rt.settings.worker_id,
         server_url=command.server_url,
-        variables=_variables(command, rt.settings),
+        variables=variables,
+        render=partial(templating.render, variables=variables),
         secrets={},
         server=rt.plane.server_api(command.server_url),
         resources=rt.resources,

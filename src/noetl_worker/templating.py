@@ -52,9 +52,7 @@ class _StrictSandbox(SandboxedEnvironment):
     """A sandbox whose unsafe attribute access fails loudly instead of being undefined."""
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
 
 def _json_default(value: Any) -> Any:
@@ -76,9 +74,7 @@ def _tojson(value: Any, indent: int | None = None, sort_keys: bool = False) -> s
     # shell, where plain JSON is wanted.
     if isinstance(value, jinja2.Undefined):
         return "null"
-    return json.dumps(
-        value, default=_json_default, ensure_ascii=False, indent=indent, sort_keys=sort_keys
-    )
+    return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent, sort_keys=sort_keys)
 
 
 def _from_json(value: Any) -> Any:
@@ -100,9 +96,7 @@ def _b64decode(value: Any) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def _regex_replace(
-    value: Any, pattern: str, replacement: str = "", ignorecase: bool = False
-) -> str:
+def _regex_replace(value: Any, pattern: str, replacement: str = "", ignorecase: bool = False) -> str:
     flags = re.IGNORECASE if ignorecase else 0
     return re.sub(pattern, replacement, str(value), flags=flags)
 

@@ -103,9 +103,7 @@ async def test_async_main_is_awaited(ctx: ToolContext) -> None:
 
 
 async def test_result_global_and_args_as_globals(ctx: ToolContext) -> None:
-    result = await run(
-        {"code": "result = {'sum': a + b, 'args': args}", "input": {"a": 1, "b": 2}}, ctx
-    )
+    result = await run({"code": "result = {'sum': a + b, 'args': args}", "input": {"a": 1, "b": 2}}, ctx)
     assert result.status == "success"
     assert result.data == {"sum": 3, "args": {"a": 1, "b": 2}}
 
@@ -212,9 +210,7 @@ async def test_invalid_memory_limit_names_the_variable(
 
 
 async def test_calls_do_not_leak_state_into_each_other(ctx: ToolContext) -> None:
-    await run(
-        {"code": "import json\njson.polluted = True\nimport os\nos.environ['X_LEAK'] = '1'"}, ctx
-    )
+    await run({"code": "import json\njson.polluted = True\nimport os\nos.environ['X_LEAK'] = '1'"}, ctx)
     code = "import json, os\ndef main(): return [hasattr(json, 'polluted'), 'X_LEAK' in os.environ]"
     result = await run({"code": code}, ctx)
     assert result.data == [False, False]
@@ -267,9 +263,7 @@ async def test_script_over_http(ctx: ToolContext) -> None:
     stop = trio.Event()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(serve, _script_app, config, shutdown_trigger=stop.wait)
-            )
+            binds = await nursery.start(partial(serve, _script_app, config, shutdown_trigger=stop.wait))
             base = binds[0]
             try:
                 result = await run({"script": f"{base}/step.py", "args": {"n": 1}}, ctx)

@@ -110,9 +110,7 @@ class ForkServer:
             )
         except OSError as exc:
             parent.close()
-            raise ToolConfigError(
-                "python", "python", f"cannot start interpreter {python!r}: {exc}"
-            ) from exc
+            raise ToolConfigError("python", "python", f"cannot start interpreter {python!r}: {exc}") from exc
         finally:
             child.close()
         control = trio.socket.from_stdlib_socket(parent)

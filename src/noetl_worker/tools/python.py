@@ -150,9 +150,7 @@ def _args(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]:
         if value is None:
             continue
         if not isinstance(value, Mapping):
-            raise ToolConfigError(
-                "python", field, f"expected a mapping, got {type(value).__name__}"
-            )
+            raise ToolConfigError("python", field, f"expected a mapping, got {type(value).__name__}")
         merged.update(value)
     rendered = ctx.render(merged)
     if not isinstance(rendered, dict):
@@ -179,9 +177,7 @@ def _timeout(config: Mapping[str, Any]) -> float:
         except (TypeError, ValueError):
             seconds = math.nan
         if not seconds > 0:
-            raise ToolConfigError(
-                "python", field, f"expected a positive number of seconds, got {value!r}"
-            )
+            raise ToolConfigError("python", field, f"expected a positive number of seconds, got {value!r}")
         return seconds
     return math.inf
 
@@ -215,9 +211,7 @@ async def _load_code(config: Mapping[str, Any]) -> tuple[str, str]:
     script = config.get("script")
     if script is not None:
         return await _load_script(script)
-    raise ToolConfigError(
-        "python", "code", "one of code, code_b64 / code_base64 or script is required"
-    )
+    raise ToolConfigError("python", "code", "one of code, code_b64 / code_base64 or script is required")
 
 
 def _b64(field: str, encoded: Any) -> str:
@@ -266,9 +260,7 @@ async def _load_script(script: Any) -> tuple[str, str]:
         headers = source.get("headers") or {}
         timeout = float(source.get("timeout") or 30.0)
         return await _fetch(url, method, dict(headers), timeout), url
-    raise ToolConfigError(
-        "python", "script.source.type", f"unsupported {kind!r}; accepted: {_SCRIPT_TYPES}"
-    )
+    raise ToolConfigError("python", "script.source.type", f"unsupported {kind!r}; accepted: {_SCRIPT_TYPES}")
 
 
 async def _read_file(path: str) -> str:

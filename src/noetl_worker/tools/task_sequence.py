@@ -88,17 +88,13 @@ async def _run_task(task: _Task, scope_vars: dict[str, Any], ctx: ToolContext) -
     return result
 
 
-def _capture(
-    task: _Task, result: ToolResult, scope_vars: dict[str, Any], variables: dict[str, Any]
-) -> None:
+def _capture(task: _Task, result: ToolResult, scope_vars: dict[str, Any], variables: dict[str, Any]) -> None:
     output = {
         "status": "ok" if result.status == "success" else "error",
         "data": result.data,
         "error": result.error,
     }
-    values = templating.render(
-        task.captures, {**scope_vars, "result": result.to_json(), "output": output}
-    )
+    values = templating.render(task.captures, {**scope_vars, "result": result.to_json(), "output": output})
     for name, value in values.items():
         _assign(variables, str(name).split("."), value)
 
