@@ -758,6 +758,8 @@ def _all_renders() -> Iterator[tuple[str, str, list[Doc]]]:
                 "podDisruptionBudget": {"enabled": True},
                 "service": {"enabled": True},
                 "serviceMonitor": {"enabled": True},
+                "serviceAccount": {"create": True},
+                "shm": {"enabled": True},
             }
             yield kind, pool, render(pool_values(pool, kind), release=release_name(pool))
             yield (

@@ -40,6 +40,8 @@ OPTIONAL = {
     "serviceMonitor": {"enabled": True},
     "service": {"enabled": True},
     "podDisruptionBudget": {"enabled": True},
+    "serviceAccount": {"create": True},
+    "shm": {"enabled": True},
 }
 
 
@@ -79,7 +81,15 @@ def test_hadolint_binary_is_installed() -> None:
 def test_rendered_chart_passes_strict_schemas(kind: str, pool: str) -> None:
     docs = v.render(v.pool_values(pool, kind, **OPTIONAL), release=v.release_name(pool))
     kinds = sorted(d["kind"] for d in docs)
-    assert kind in kinds and "ScaledObject" in kinds and "PodMonitor" in kinds
+    for expected in (
+        kind,
+        "ScaledObject",
+        "PodMonitor",
+        "ServiceMonitor",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+    ):
+        assert expected in kinds
     for version in v.KUBE_VERSIONS:
         assert v.validate_kubernetes(docs, version) == []
 
