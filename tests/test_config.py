@@ -69,6 +69,17 @@ def test_rust_log_is_honoured_as_an_alias() -> None:
     assert Settings.from_env({"RUST_LOG": "debug", "NOETL_LOG_LEVEL": "error"}).log_level == "error"
 
 
+def test_snowflake_node_id_offset_separates_pools() -> None:
+    assert (
+        Settings.from_env(
+            {"NOETL_SNOWFLAKE_NODE_ID": "3", "NOETL_SNOWFLAKE_NODE_ID_OFFSET": "512"}
+        ).snowflake_node_id
+        == 515
+    )
+    with pytest.raises(ConfigError, match="NOETL_SNOWFLAKE_NODE_ID_OFFSET=512"):
+        Settings.from_env({"NOETL_SNOWFLAKE_NODE_ID": "600", "NOETL_SNOWFLAKE_NODE_ID_OFFSET": "512"})
+
+
 def test_snowflake_node_id_chain() -> None:
     assert Settings.from_env({"NOETL_SNOWFLAKE_NODE_ID": "7", "NOETL_SHARD_ID": "9"}).snowflake_node_id == 7
     assert Settings.from_env({"NOETL_SHARD_ID": "9"}).snowflake_node_id == 9

@@ -373,9 +373,20 @@ def fnv1a_64(data: bytes) -> int:
 
 
 def _snowflake_node(env: Env, worker_id: str) -> tuple[int, str]:
+    # A StatefulSet passes its pod index as the node id and each pool its own offset, so the
+    # pools' ranges never overlap; the sum must still fit the 10-bit field.
+    offset = env.integer("NOETL_SNOWFLAKE_NODE_ID_OFFSET", 0, minimum=0, maximum=MAX_NODE_ID)
     for name in ("NOETL_SNOWFLAKE_NODE_ID", "NOETL_SHARD_ID"):
         if env.raw(name) is not None:
-            return env.integer(name, 0, minimum=0, maximum=MAX_NODE_ID), name
+            node = env.integer(name, 0, minimum=0, maximum=MAX_NODE_ID)
+            if node + offset > MAX_NODE_ID:
+                raise ConfigError(
+                    name,
+                    str(node),
+                    f"a node id that stays <= {MAX_NODE_ID} after adding "
+                    f"NOETL_SNOWFLAKE_NODE_ID_OFFSET={offset}",
+                )
+            return node + offset, name if not offset else f"{name}+NOETL_SNOWFLAKE_NODE_ID_OFFSET"
     # No explicit id: hash an identity. NODE_NAME is the Kubernetes node, shared by every pod on
     # it, so the worker id is always part of the hashed identity to keep pods apart.
     for name in ("NOETL_NODE_ID", "NODE_NAME", "HOSTNAME"):

@@ -176,9 +176,7 @@ def test_schema_check_rejects_unknown_fields() -> None:
 
 
 def test_keda_off_gives_a_fixed_replica_count() -> None:
-    docs = v.render(
-        v.pool_values("system", "Deployment", keda={"enabled": False}, workload={"replicas": 3})
-    )
+    docs = v.render(v.pool_values("system", "Deployment", keda={"enabled": False}, workload={"replicas": 3}))
     assert v.find(docs, "ScaledObject") == []
     assert v.workload(docs)["spec"]["replicas"] == 3
     with_keda = v.render(v.pool_values("system", "Deployment"))
