@@ -1,0 +1,152 @@
+"""Secret scrubbing of ``call.done`` results (upstream §4.8, DESIGN.md §4 item 8).
+
+Three rules, applied to a copy of a JSON tree:
+
+1. **Key rule, by token.** A key is split into tokens on ``_``, ``-``, ``.``, spaces and
+   camelCase / digit boundaries and lower-cased. Its whole value (sub-trees included) becomes
+   ``[REDACTED]`` when a token, or two adjacent tokens joined, is in the sensitive vocabulary
+   (``db_password``, ``x_api_key``, ``accessToken``, ``client-secret``), or when a token *ends*
+   with one of a few unmistakable words (``dbpassword``, ``csrftoken``). Upstream matches
+   substrings, which redacts ``author``, ``tokens_used`` or ``monkey``; matching tokens keeps them.
+2. **Value rules**, for strings under any key:
+   - a whole string that is a PEM private key, an ``Authorization`` header value
+     (``Bearer …`` / ``Basic …``) or a compact JWT becomes ``[REDACTED]`` — the whole string,
+     because nothing else in such a value is useful;
+   - inside longer text (stdout, logs, messages) only the offending part is replaced: an
+     embedded PEM private-key block, an embedded JWT, or a vendor token (``sk-``, ``ghp_``,
+     ``xoxb-``, ``AIza``, ``ya29.`` …) found at a word start — the rest of the text is kept.
+3. **Known secret values** (the values of credentials and keychain secrets this command used,
+   at least 4 characters long) are replaced wherever they appear verbatim: inside longer
+   strings and inside keys too.
+
+Numbers, booleans and null are never altered (snowflake ids stay intact).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+
+REDACTED: Final = "[REDACTED]"
+MIN_SECRET_LENGTH: Final = 4
+_MIN_VALUE_RULE_LENGTH: Final = 8
+
+# Tokens (or two adjacent tokens joined) that make a key sensitive.
+SENSITIVE_TOKENS: Final = frozenset(
+    {
+        "password", "passwords", "passwd", "pwd", "passphrase",
+        "secret", "secrets", "token", "bearer", "apikey", "apisecret",
+        "authorization", "auth", "credential", "credentials",
+        "privatekey", "secretkey", "clientsecret", "accesstoken", "refreshtoken",
+        "authtoken", "idtoken", "oauth", "jwt", "pem", "cert", "certificate",
+        "keychain", "connectionstring", "sshkey", "encryptionkey", "decryptkey",
+        "masterkey", "gcpkey", "azurekey", "sessionkey", "signingkey", "cookie",
+    }
+)  # fmt: skip
+# A token ending with one of these is sensitive too: keys written without separators.
+_SENSITIVE_SUFFIXES: Final = (
+    "password", "passwd", "passphrase", "secret", "token", "apikey", "privatekey",
+    "credential", "credentials",
+)  # fmt: skip
+
+_TOKEN_RE: Final = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+_PEM_BLOCK_RE: Final = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
+_JWT_RE: Final = re.compile(r"eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_HEADER_RE: Final = re.compile(r"(?i)(?:bearer|basic)[ \t]+\S+")
+_VENDOR_PREFIXES: Final = (
+    "sk-ant-", "sk-", "AIza", "ya29.", "ghp_", "ghs_", "gho_", "ghu_", "ghr_", "github_pat_",
+    "xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-",
+)  # fmt: skip
+_VENDOR_RE: Final = re.compile(
+    r"(?:^|(?<=[ \t\r\n\"':=,]))(?:"
+    + "|".join(re.escape(p) for p in _VENDOR_PREFIXES)
+    + r")[A-Za-z0-9_-]{12,}",
+    re.MULTILINE,
+)
+
+
+def key_tokens(key: str) -> list[str]:
+    """``"x_api-Key.v2"`` → ``["x", "api", "key", "v", "2"]``; ``"accessToken"`` → access, token."""
+    return [t.lower() for t in _TOKEN_RE.findall(key)]
+
+
+def is_sensitive_key(key: str) -> bool:
+    tokens = key_tokens(key)
+    for index, token in enumerate(tokens):
+        if token in SENSITIVE_TOKENS or token.endswith(_SENSITIVE_SUFFIXES):
+            return True
+        if index + 1 < len(tokens) and token + tokens[index + 1] in SENSITIVE_TOKENS:
+            return True
+    return False
+
+
+def _is_secret_shaped(text: str) -> bool:
+    """The whole-string value rules: PEM private key, Authorization header value, JWT."""
+    stripped = text.strip()
+    if len(stripped) < _MIN_VALUE_RULE_LENGTH:
+        return False
+    if stripped.startswith("-----BEGIN ") and "PRIVATE KEY-----" in stripped:
+        return True
+    if _HEADER_RE.fullmatch(stripped):
+        return True
+    return _JWT_RE.fullmatch(stripped) is not None
+
+
+@attrs.frozen
+class Scrubber:
+    """Scrubs JSON trees and text; build it with :meth:`create` from the command's secrets."""
+
+    secrets: tuple[str, ...]
+    _secret_re: re.Pattern[str] | None = attrs.field(repr=False, eq=False)
+
+    @classmethod
+    def create(cls, secret_values: Iterable[str] = ()) -> Scrubber:
+        values = {v for v in secret_values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH}
+        # Longest first, so a secret containing a shorter one is replaced whole.
+        ordered = tuple(sorted(values, key=lambda v: (-len(v), v)))
+        pattern = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
+        return cls(ordered, pattern)
+
+    def with_secrets(self, more: Iterable[str]) -> Scrubber:
+        return Scrubber.create((*self.secrets, *more))
+
+    def scrub_text(self, text: str) -> str:
+        """Free text (stdout, messages): known secrets, embedded PEM keys, JWTs, vendor tokens."""
+        if self._secret_re is not None:
+            text = self._secret_re.sub(REDACTED, text)
+        if len(text) < _MIN_VALUE_RULE_LENGTH:
+            return text
+        if _is_secret_shaped(text):
+            return REDACTED
+        if "PRIVATE KEY-----" in text:
+            text = _PEM_BLOCK_RE.sub(REDACTED, text)
+        if "eyJ" in text:
+            text = _JWT_RE.sub(REDACTED, text)
+        return _VENDOR_RE.sub(REDACTED, text)
+
+    def scrub_key(self, key: str) -> str:
+        return self._secret_re.sub(REDACTED, key) if self._secret_re is not None else key
+
+    def scrub(self, value: Any) -> Any:
+        """A scrubbed copy of a JSON tree (dicts, lists/tuples, strings, scalars)."""
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, Mapping):
+            out: dict[Any, Any] = {}
+            for key, item in value.items():
+                if isinstance(key, str):
+                    sensitive = is_sensitive_key(key)
+                    out[self.scrub_key(key)] = REDACTED if sensitive else self.scrub(item)
+                else:
+                    out[key] = self.scrub(item)
+            return out
+        if isinstance(value, list | tuple):
+            return [self.scrub(item) for item in value]
+        return value
