@@ -138,3 +138,11 @@ def trees_with_canary(draw: st.DrawFn) -> Any:
 def test_canary_secret_never_survives(tree: Any) -> None:
     dumped = json.dumps(Scrubber.create([CANARY]).scrub(tree))
     assert CANARY not in dumped
+
+
+def test_clean_subtrees_are_shared_not_copied() -> None:
+    clean = {"rows": [{"id": 1, "name": "a"}] * 3}
+    value = {"data": clean, "dirty": {"password": "x"}}
+    out = Scrubber.create().scrub(value)
+    assert out["data"] is clean and out["dirty"] == {"password": REDACTED}
+    assert value["dirty"] == {"password": "x"}

@@ -24,6 +24,7 @@ Numbers, booleans and null are never altered (snowflake ids stay intact).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -151,7 +152,11 @@ class Scrubber:
         return self._secret_re.sub(REDACTED, key) if self._secret_re is not None else key
 
     def scrub(self, value: Any) -> Any:
-        """A scrubbed copy of a JSON tree (dicts, lists/tuples, strings, scalars)."""
+        """The scrubbed JSON tree (dicts, lists/tuples, strings, scalars).
+
+        Sub-trees with nothing to scrub are shared with ``value``, not copied: a large clean
+        result costs no second copy. Treat both as immutable afterwards.
+        """
         # Results repeat the same keys on every row: decide each key once per call.
         keys: dict[str, tuple[str, bool]] = {}
         text = self.scrub_text
@@ -163,22 +168,39 @@ class Scrubber:
             if kind in _SCALARS:
                 return node
             if kind is list or kind is tuple:
-                return [walk(item) for item in node]
+                return walk_list(node)
             if isinstance(node, Mapping):
-                out: dict[Any, Any] = {}
-                for key, item in node.items():
-                    if type(key) is not str:
-                        out[key] = walk(item)
-                        continue
-                    seen = keys.get(key)
-                    if seen is None:
-                        seen = keys[key] = (self.scrub_key(key), is_sensitive_key(key))
-                    out[seen[0]] = REDACTED if seen[1] else walk(item)
-                return out
+                return walk_mapping(node)
             if isinstance(node, str):
                 return text(node)
             if isinstance(node, list | tuple):
-                return [walk(item) for item in node]
+                return walk_list(node)
             return node
+
+        def walk_list(node: list[Any] | tuple[Any, ...]) -> Any:
+            out: list[Any] | None = None
+            for index, item in enumerate(node):
+                new = walk(item)
+                if out is None and new is not item:
+                    out = list(node[:index])
+                if out is not None:
+                    out.append(new)
+            return node if out is None else out
+
+        def walk_mapping(node: Mapping[Any, Any]) -> dict[Any, Any]:
+            out: dict[Any, Any] | None = None if type(node) is dict else {}
+            for index, (key, item) in enumerate(node.items()):
+                if type(key) is str:
+                    seen = keys.get(key)
+                    if seen is None:
+                        seen = keys[key] = (self.scrub_key(key), is_sensitive_key(key))
+                    new_key, new = seen[0], REDACTED if seen[1] else walk(item)
+                else:
+                    new_key, new = key, walk(item)
+                if out is None and (new is not item or new_key is not key):
+                    out = dict(itertools.islice(node.items(), index))
+                if out is not None:
+                    out[new_key] = new
+            return node if out is None else out  # type: ignore[return-value]
 
         return walk(value)
