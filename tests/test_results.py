@@ -243,3 +243,17 @@ async def test_resolve_envelopes() -> None:
     server.routes[("GET", "/api/result/resolve")] = HTTPStatusError(404, "unknown")
     with trio.fail_after(5), pytest.raises(HTTPStatusError):
         await resolve_envelopes(context, server)
+
+
+class RawPutServer(FakeServer):
+    async def put_json_bytes(self, path: str, body: bytes) -> Any:
+        return self._answer("PUT", path, None, json.loads(body))
+
+
+async def test_raw_put_sends_the_same_body_without_reserialising() -> None:
+    plain, raw = (
+        FakeServer({("PUT", "/api/result/7"): PUT_ANSWER}),
+        RawPutServer({("PUT", "/api/result/7"): PUT_ANSWER}),
+    )
+    assert await build(big_result(), plain, None) == await build(big_result(), raw, None)
+    assert raw.calls[0].body == plain.calls[0].body
