@@ -127,6 +127,32 @@ def _prepare(scrubber: Scrubber, tool_result: Mapping[str, Any], inline_max: int
     return _Prepared(scrubbed, body, extracted)
 
 
+_SMALL_NODES: Final = 512
+_SMALL_TEXT: Final = 16_384
+
+
+def _is_small(value: Any) -> bool:
+    """True when ``value`` surely has few nodes and little text; gives up early otherwise."""
+    nodes = 0
+    text = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        nodes += 1
+        if nodes > _SMALL_NODES:
+            return False
+        if isinstance(node, str):
+            text += len(node)
+            if text > _SMALL_TEXT:
+                return False
+        elif isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return True
+
+
 def _put_body_bytes(step: str, data_json: bytes) -> bytes:
     """``{"name", "data", "scope", "source_step"}`` around already serialised data."""
     name = json.dumps(step, ensure_ascii=False).encode()
@@ -163,8 +189,12 @@ async def build_call_done_result(
     | failed      | failed        | status                                                   |
     """
     status = str(tool_result.get("status", "success"))
-    # Scrubbing and serialising a large result takes long enough to stall the trio thread.
-    prepared = await trio.to_thread.run_sync(_prepare, scrubber, tool_result, inline_max_bytes)
+    if _is_small(tool_result):
+        # A thread hop costs more CPU than scrubbing a few hundred values (no-op commands).
+        prepared = _prepare(scrubber, tool_result, inline_max_bytes)
+    else:
+        # Scrubbing and serialising a large result would stall the trio thread.
+        prepared = await trio.to_thread.run_sync(_prepare, scrubber, tool_result, inline_max_bytes)
     if len(prepared.body) <= inline_max_bytes:
         return {"status": status, "context": prepared.scrubbed}
 

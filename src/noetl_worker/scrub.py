@@ -24,6 +24,7 @@ Numbers, booleans and null are never altered (snowflake ids stay intact).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Iterable, Mapping
@@ -78,6 +79,7 @@ def key_tokens(key: str) -> list[str]:
     return [t.lower() for t in _TOKEN_RE.findall(key)]
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hundred keys come back on every result
 def is_sensitive_key(key: str) -> bool:
     tokens = key_tokens(key)
     for index, token in enumerate(tokens):
