@@ -102,6 +102,7 @@ def test_put_and_another_process_reads_arrow(cache: IpcCache, clock: FakeClock) 
         check=True,
     )
     assert json.loads(done.stdout) == rows
+    assert done.stderr == ""  # no resource_tracker "leaked shared_memory" warnings
     # the reader did not unlink it; the producer still owns it
     assert (SHM / hint.shm_name).exists()
 
@@ -161,3 +162,26 @@ def test_read_hint_refusals(cache: IpcCache, clock: FakeClock) -> None:
 def test_namespace_is_sanitised(clock: FakeClock) -> None:
     cache = IpcCache(100, "n", "p", namespace="my-name.space!too-long", clock=clock)
     assert cache.namespace == "mynamespacet"
+
+
+def test_orphans_of_a_crashed_process_are_swept_after_the_lease(cache: IpcCache) -> None:
+    script = (
+        "import sys\n"
+        "from noetl_worker.ipc_cache import IpcCache, EncodedPayload\n"
+        f"cache = IpcCache(100, 'n', 'p', namespace='{cache.namespace}')\n"
+        "print(cache.put(EncodedPayload(b'x' * 10, 'application/json', 'json')).shm_name)\n"
+        "import os; os._exit(0)  # a crash: no close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    orphan = done.stdout.strip()
+    assert done.returncode == 0 and (SHM / orphan).exists()
+    own = cache.put(payload(10))
+    assert own is not None
+    cache.clock = lambda: os.stat(SHM / orphan).st_mtime + 30  # within the lease
+    assert cache.sweep_orphans() == 0
+    cache.clock = lambda: os.stat(SHM / orphan).st_mtime + 61
+    assert cache.sweep_orphans() == 1
+    assert not (SHM / orphan).exists() and (SHM / own.shm_name).exists()

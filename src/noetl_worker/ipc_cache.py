@@ -259,6 +259,33 @@ class IpcCache:
             _unlink(name)
         return len(expired)
 
+    def sweep_orphans(self, directory: str = "/dev/shm") -> int:
+        """Unlink this namespace's segments left by crashed processes, once past any lease.
+
+        A segment's lease starts when it is written, so one whose modification time is older
+        than ``lease_seconds`` has expired whoever made it. Linux exposes POSIX shared memory
+        as files in ``/dev/shm``; elsewhere this finds nothing. Call it at start.
+        """
+        pattern = re.compile(re.escape(self.namespace) + r"_[0-9a-f]{8}_[0-9a-f]{8}")
+        cutoff = self.clock() - self.lease_seconds
+        removed = 0
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return 0
+        with self._lock:
+            for name in names:
+                if not pattern.fullmatch(name) or name in self._entries:
+                    continue
+                try:
+                    if os.stat(os.path.join(directory, name)).st_mtime >= cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                _unlink(name)
+                removed += 1
+        return removed
+
     def close(self) -> None:
         """Unlink every entry this process created (shutdown)."""
         with self._lock:
