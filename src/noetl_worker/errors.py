@@ -90,3 +90,16 @@ class TemplateError(ToolError):
         self.template = template if len(template) <= 500 else template[:500] + "…"
         self.problem = problem
         super().__init__(f"Template error: {problem} in {self.template!r}")
+
+
+class CredentialError(ToolError):
+    """A credential alias or keychain reference could not be resolved before dispatch.
+
+    ``retryable``: a transient failure (408/425/429/502/503/504 or no answer) on an early
+    attempt — report nothing and let the server re-issue the command. Otherwise terminal:
+    ``call.error`` + ``command.failed``.
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)

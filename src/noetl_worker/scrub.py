@@ -1,0 +1,208 @@
+"""Secret scrubbing of ``call.done`` results (upstream §4.8, DESIGN.md §4 item 8).
+
+Three rules, applied to a copy of a JSON tree:
+
+1. **Key rule, by token.** A key is split into tokens on ``_``, ``-``, ``.``, spaces and
+   camelCase / digit boundaries and lower-cased. Its whole value (sub-trees included) becomes
+   ``[REDACTED]`` when a token, or two adjacent tokens joined, is in the sensitive vocabulary
+   (``db_password``, ``x_api_key``, ``accessToken``, ``client-secret``), or when a token *ends*
+   with one of a few unmistakable words (``dbpassword``, ``csrftoken``). Upstream matches
+   substrings, which redacts ``author``, ``tokens_used`` or ``monkey``; matching tokens keeps them.
+2. **Value rules**, for strings under any key:
+   - a whole string that is a PEM private key, an ``Authorization`` header value
+     (``Bearer …`` / ``Basic …``) or a compact JWT becomes ``[REDACTED]`` — the whole string,
+     because nothing else in such a value is useful;
+   - inside longer text (stdout, logs, messages) only the offending part is replaced: an
+     embedded PEM private-key block, an embedded JWT, or a vendor token (``sk-``, ``ghp_``,
+     ``xoxb-``, ``AIza``, ``ya29.`` …) found at a word start — the rest of the text is kept.
+3. **Known secret values** (the values of credentials and keychain secrets this command used,
+   at least 4 characters long) are replaced wherever they appear verbatim: inside longer
+   strings and inside keys too.
+
+Numbers, booleans and null are never altered (snowflake ids stay intact).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+
+REDACTED: Final = "[REDACTED]"
+MIN_SECRET_LENGTH: Final = 4
+_MIN_VALUE_RULE_LENGTH: Final = 8
+
+# Tokens (or two adjacent tokens joined) that make a key sensitive.
+SENSITIVE_TOKENS: Final = frozenset(
+    {
+        "password", "passwords", "passwd", "pwd", "passphrase",
+        "secret", "secrets", "token", "bearer", "apikey", "apisecret",
+        "authorization", "auth", "credential", "credentials",
+        "privatekey", "secretkey", "clientsecret", "accesstoken", "refreshtoken",
+        "authtoken", "idtoken", "oauth", "jwt", "pem", "cert", "certificate",
+        "keychain", "connectionstring", "sshkey", "encryptionkey", "decryptkey",
+        "masterkey", "gcpkey", "azurekey", "sessionkey", "signingkey", "cookie",
+    }
+)  # fmt: skip
+# A token ending with one of these is sensitive too: keys written without separators.
+_SENSITIVE_SUFFIXES: Final = (
+    "password", "passwd", "passphrase", "secret", "token", "apikey", "privatekey",
+    "credential", "credentials",
+)  # fmt: skip
+
+_TOKEN_RE: Final = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+_PEM_BLOCK_RE: Final = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+    re.DOTALL,
+)
+_JWT_RE: Final = re.compile(r"eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_HEADER_RE: Final = re.compile(r"(?i)(?:bearer|basic)[ \t]+\S+")
+_VENDOR_PREFIXES: Final = (
+    "sk-ant-", "sk-", "AIza", "ya29.", "ghp_", "ghs_", "gho_", "ghu_", "ghr_", "github_pat_",
+    "xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-",
+)  # fmt: skip
+_VENDOR_RE: Final = re.compile(
+    r"(?:^|(?<=[ \t\r\n\"':=,]))(?:"
+    + "|".join(re.escape(p) for p in _VENDOR_PREFIXES)
+    + r")[A-Za-z0-9_-]{12,}",
+    re.MULTILINE,
+)
+
+
+def key_tokens(key: str) -> list[str]:
+    """``"x_api-Key.v2"`` → ``["x", "api", "key", "v", "2"]``; ``"accessToken"`` → access, token."""
+    return [t.lower() for t in _TOKEN_RE.findall(key)]
+
+
+@functools.lru_cache(maxsize=4096)  # the same few hundred keys come back on every result
+def is_sensitive_key(key: str) -> bool:
+    tokens = key_tokens(key)
+    for index, token in enumerate(tokens):
+        if token in SENSITIVE_TOKENS or token.endswith(_SENSITIVE_SUFFIXES):
+            return True
+        if index + 1 < len(tokens) and token + tokens[index + 1] in SENSITIVE_TOKENS:
+            return True
+    return False
+
+
+def _is_secret_shaped(text: str) -> bool:
+    """The whole-string value rules: PEM private key, Authorization header value, JWT."""
+    stripped = text.strip()
+    if len(stripped) < _MIN_VALUE_RULE_LENGTH:
+        return False
+    if stripped.startswith("-----BEGIN ") and "PRIVATE KEY-----" in stripped:
+        return True
+    if _HEADER_RE.fullmatch(stripped):
+        return True
+    return _JWT_RE.fullmatch(stripped) is not None
+
+
+_SCALARS: Final = (int, float, bool, type(None))
+# Cheap pre-check: a string none of these occur in needs no value rule at all.
+# (Literal alternatives only: an anchored or case-insensitive branch makes it 4x slower.)
+_VALUE_TRIGGERS: Final = r"eyJ|PRIVATE KEY-----|sk-|AIza|ya29\.|gh[psour]_|github_pat_|xox[baprs]-"
+_HEADER_FIRST_CHARS: Final = frozenset("bB \t\r\n")
+
+
+@attrs.frozen
+class Scrubber:
+    """Scrubs JSON trees and text; build it with :meth:`create` from the command's secrets."""
+
+    secrets: tuple[str, ...]
+    _secret_re: re.Pattern[str] | None = attrs.field(repr=False, eq=False)
+    _trigger_re: re.Pattern[str] = attrs.field(repr=False, eq=False)
+
+    @classmethod
+    def create(cls, secret_values: Iterable[str] = ()) -> Scrubber:
+        values = {v for v in secret_values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH}
+        # Longest first, so a secret containing a shorter one is replaced whole.
+        ordered = tuple(sorted(values, key=lambda v: (-len(v), v)))
+        alternatives = "|".join(re.escape(v) for v in ordered)
+        pattern = re.compile(alternatives) if ordered else None
+        trigger = re.compile(f"{alternatives}|{_VALUE_TRIGGERS}" if ordered else _VALUE_TRIGGERS)
+        return cls(ordered, pattern, trigger)
+
+    def with_secrets(self, more: Iterable[str]) -> Scrubber:
+        return Scrubber.create((*self.secrets, *more))
+
+    def scrub_text(self, text: str) -> str:
+        """Free text (stdout, messages): known secrets, embedded PEM keys, JWTs, vendor tokens."""
+        if len(text) < MIN_SECRET_LENGTH:
+            return text
+        if self._trigger_re.search(text) is None and not (
+            text[0] in _HEADER_FIRST_CHARS and _HEADER_RE.fullmatch(text.strip())
+        ):
+            return text
+        if self._secret_re is not None:
+            text = self._secret_re.sub(REDACTED, text)
+        if len(text) < _MIN_VALUE_RULE_LENGTH:
+            return text
+        if _is_secret_shaped(text):
+            return REDACTED
+        if "PRIVATE KEY-----" in text:
+            text = _PEM_BLOCK_RE.sub(REDACTED, text)
+        if "eyJ" in text:
+            text = _JWT_RE.sub(REDACTED, text)
+        return _VENDOR_RE.sub(REDACTED, text)
+
+    def scrub_key(self, key: str) -> str:
+        return self._secret_re.sub(REDACTED, key) if self._secret_re is not None else key
+
+    def scrub(self, value: Any) -> Any:
+        """The scrubbed JSON tree (dicts, lists/tuples, strings, scalars).
+
+        Sub-trees with nothing to scrub are shared with ``value``, not copied: a large clean
+        result costs no second copy. Treat both as immutable afterwards.
+        """
+        # Results repeat the same keys on every row: decide each key once per call.
+        keys: dict[str, tuple[str, bool]] = {}
+        text = self.scrub_text
+
+        def walk(node: Any) -> Any:
+            kind = type(node)
+            if kind is str:
+                return text(node)
+            if kind in _SCALARS:
+                return node
+            if kind is list or kind is tuple:
+                return walk_list(node)
+            if isinstance(node, Mapping):
+                return walk_mapping(node)
+            if isinstance(node, str):
+                return text(node)
+            if isinstance(node, list | tuple):
+                return walk_list(node)
+            return node
+
+        def walk_list(node: list[Any] | tuple[Any, ...]) -> Any:
+            out: list[Any] | None = None
+            for index, item in enumerate(node):
+                new = walk(item)
+                if out is None and new is not item:
+                    out = list(node[:index])
+                if out is not None:
+                    out.append(new)
+            return node if out is None else out
+
+        def walk_mapping(node: Mapping[Any, Any]) -> dict[Any, Any]:
+            out: dict[Any, Any] | None = None if type(node) is dict else {}
+            for index, (key, item) in enumerate(node.items()):
+                if type(key) is str:
+                    seen = keys.get(key)
+                    if seen is None:
+                        seen = keys[key] = (self.scrub_key(key), is_sensitive_key(key))
+                    new_key, new = seen[0], REDACTED if seen[1] else walk(item)
+                else:
+                    new_key, new = key, walk(item)
+                if out is None and (new is not item or new_key is not key):
+                    out = dict(itertools.islice(node.items(), index))
+                if out is not None:
+                    out[new_key] = new
+            return node if out is None else out  # type: ignore[return-value]
+
+        return walk(value)
