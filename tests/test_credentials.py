@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import trio
 
-from fake_server_api import FakeServer
+from .fake_server_api import FakeServer
 from noetl_worker.credentials import (
     ResolvedConfig,
     keychain_env_secrets,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from fake_server_api import FakeServer
+from .fake_server_api import FakeServer
 from noetl_worker.errors import HTTPStatusError, TransportError
 from noetl_worker.ipc_cache import IpcCache, read_hint
 from noetl_worker.results import (

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             environ.pop(name, None)
         environ.setdefault("WORKER_METRICS_BIND", "127.0.0.1:0")
         environ.setdefault("WORKER_MAX_CONCURRENT", "4")
+        environ.setdefault("NOETL_LOG_LEVEL", "warning")
+        environ.setdefault("NOETL_LOG_FORMAT", "text")
     try:
         settings = Settings.from_env(environ)
     except ConfigError as exc:

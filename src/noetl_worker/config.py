@@ -77,6 +77,7 @@ class Settings:
     log_level: str
     log_format: str
     hostname: str
+    ipc_node_id: str  # which node a shared-memory result lives on (readers on another refuse it)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -224,6 +225,7 @@ def _load(env: Env) -> Settings:
         log_level=log_level,
         log_format=env.choice("NOETL_LOG_FORMAT", "auto", LOG_FORMATS),
         hostname=hostname,
+        ipc_node_id=env.raw("NOETL_NODE_ID") or env.raw("NODE_NAME") or hostname,
     )
 
 

@@ -190,13 +190,14 @@ class ControlPlane:
         path: str,
         *,
         body: Any = None,
+        raw: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = REQUEST_TIMEOUT,
     ) -> Response:
         """One attempt. Raises TransportError; returns any HTTP status."""
         url = self.base(server_url) + path
-        content = dumps(body) if body is not None else None
+        content = raw if raw is not None else dumps(body) if body is not None else None
         try:
             with trio.fail_after(timeout):
                 r = await self.client.request(method, url, content=content, params=params, headers=headers)
@@ -213,6 +214,7 @@ class ControlPlane:
         path: str,
         *,
         body: Any = None,
+        raw: bytes | None = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         policy: RetryPolicy = ONCE,
@@ -225,7 +227,7 @@ class ControlPlane:
             retry_after: float | None = None
             try:
                 response = await self.request(
-                    method, server_url, path, body=body, params=params, headers=headers
+                    method, server_url, path, body=body, raw=raw, params=params, headers=headers
                 )
             except TransportError:
                 if attempt >= policy.attempts:
@@ -403,6 +405,12 @@ class BoundServer:
     async def post_json(self, path: str, body: Any) -> Any:
         # One attempt: a POST may not be idempotent (e.g. /api/execute); the tool decides.
         return (await self.plane.call("POST", self.server_url, path, body=body)).json()
+
+    async def put_json_bytes(self, path: str, body: bytes) -> Any:
+        """PUT an already-encoded JSON body (large results: encoded once, off the trio thread)."""
+        return (
+            await self.plane.call("PUT", self.server_url, path, raw=body, policy=RetryPolicy(attempts=3))
+        ).json()
 
     async def put_json(self, path: str, body: Any) -> Any:
         return (

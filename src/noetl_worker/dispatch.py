@@ -49,6 +49,9 @@ from .tools.base import ToolContext, ToolResources, ToolResult
 log = logging.getLogger(__name__)
 
 COALESCE_WINDOW = 0.05
+WAITING_KINDS = frozenset({"playbook"})
+WAITING_DEFAULT_TIMEOUT = 300.0  # the playbook tool's own default
+WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
 TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
 NAK_DELAY_SHUTDOWN = 0.0
@@ -73,12 +76,14 @@ class Hooks(Protocol):
         """Cases: extra events and whether the command fails instead of completing."""
         ...
 
-    def scrub_text(self, text: str) -> str: ...
+    def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str: ...
 
 
 @attrs.frozen
 class CaseEffect:
     events: tuple[Event, ...] = ()
+    # Reported in command.completed/failed (e.g. a case that could not be parsed), never dropped.
+    warnings: tuple[str, ...] = ()
     fail_message: str | None = None
 
 
@@ -159,6 +164,19 @@ class Command:
         return config
 
     def deadline_seconds(self, config: Mapping[str, Any], cap: float) -> float:
+        """The tool's own timeout or the worker cap, whichever is smaller.
+
+        Tools that mostly wait on the server (``playbook``) give their slot back while they wait,
+        so the cap — which exists to bound held resources — does not shorten their own timeout;
+        a small margin lets the tool report its own timeout result first.
+        """
+        own = self._own_timeout(config)
+        if self.tool_kind in WAITING_KINDS:
+            return (own if own is not None else WAITING_DEFAULT_TIMEOUT) + WAITING_MARGIN
+        return min(own, cap) if own is not None else cap
+
+    @staticmethod
+    def _own_timeout(config: Mapping[str, Any]) -> float | None:
         for key in ("timeout", "timeout_seconds"):
             value = config.get(key)
             if isinstance(value, bool):
@@ -168,8 +186,8 @@ class Command:
             except (TypeError, ValueError):
                 continue
             if seconds > 0 and math.isfinite(seconds):
-                return min(seconds, cap)
-        return cap
+                return seconds
+        return None
 
 
 @attrs.define(eq=False)
@@ -201,6 +219,12 @@ def _variables(command: Command, settings: Settings) -> dict[str, Any]:
         tool_kind=command.tool_kind,
         cursor=cursor if isinstance(cursor, Mapping) else None,
     )
+
+
+def rebuild_context(command: Command, ctx: ToolContext) -> ToolContext:
+    """The tool context for a command whose claim context changed (references resolved)."""
+    variables = _variables(command, ctx.settings)
+    return attrs.evolve(ctx, variables=variables, render=partial(templating.render, variables=variables))
 
 
 class Settle:
@@ -337,7 +361,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     if isinstance(outcome, _Failure):
         rt.metrics.dispatch_errors.labels(kind).inc()
         rt.metrics.commands.labels(kind, "failed").inc()
-        error = rt.hooks.scrub_text(outcome.message)
+        error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error)
         batch = [*sender.pending(), events.call_error(error), events.failed(error)]
         return await _report(rt, command, batch)
@@ -353,11 +377,12 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         rt.metrics.dispatch_errors.labels(kind).inc()
         rt.metrics.commands.labels(kind, "failed").inc()
         # Single posts, not a batch: the Python server's batch route acts on one event only.
-        batch = [*sender.pending(), *done, *effect.events, events.failed(effect.fail_message)]
+        message = rt.hooks.scrub_text(effect.fail_message, ctx)
+        batch = [*sender.pending(), *done, *effect.events, events.failed(message, effect.warnings)]
         return await _report(rt, command, batch, batch_ok=False)
     rt.metrics.commands.labels(kind, result.status).inc()
     log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
-    batch = [*sender.pending(), *done, *effect.events, events.completed(result.status)]
+    batch = [*sender.pending(), *done, *effect.events, events.completed(result.status, effect.warnings)]
     return await _report(rt, command, batch)
 
 

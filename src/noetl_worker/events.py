@@ -118,27 +118,25 @@ class EventFactory:
             },
         )
 
-    def completed(self, tool_status: str) -> Event:
-        return self._make(
-            COMMAND_COMPLETED,
-            tool_status,
-            {
-                "command_id": self.command_id,
-                "status": tool_status,
-                "result": {"status": tool_status, "command_id": self.command_id},
-            },
-        )
+    def completed(self, tool_status: str, warnings: tuple[str, ...] = ()) -> Event:
+        context: dict[str, Any] = {
+            "command_id": self.command_id,
+            "status": tool_status,
+            "result": {"status": tool_status, "command_id": self.command_id},
+        }
+        if warnings:
+            context["warnings"] = list(warnings)
+        return self._make(COMMAND_COMPLETED, tool_status, context)
 
-    def failed(self, error: str) -> Event:
-        return self._make(
-            COMMAND_FAILED,
-            "FAILED",
-            {
-                "command_id": self.command_id,
-                "error": error,
-                "result": {"status": "FAILED", "command_id": self.command_id},
-            },
-        )
+    def failed(self, error: str, warnings: tuple[str, ...] = ()) -> Event:
+        context: dict[str, Any] = {
+            "command_id": self.command_id,
+            "error": error,
+            "result": {"status": "FAILED", "command_id": self.command_id},
+        }
+        if warnings:
+            context["warnings"] = list(warnings)
+        return self._make(COMMAND_FAILED, "FAILED", context)
 
     def step_exit(self, status: str, data: Any) -> Event:
         return self._make(STEP_EXIT, status, {"status": status, "data": data, "command_id": self.command_id})

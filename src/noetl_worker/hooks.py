@@ -32,9 +32,12 @@ class BasicHooks:
     ) -> CaseEffect:
         return CaseEffect()
 
-    def scrub_text(self, text: str) -> str:
+    def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str:
         return text
 
 
-def default_hooks(settings: Any, metrics: Any) -> BasicHooks:
-    return BasicHooks()
+def default_hooks(settings: Any, metrics: Any) -> Any:
+    """The full pipeline (references, credentials, scrubbed results, cases)."""
+    from .pipeline import Pipeline
+
+    return Pipeline.create(settings, metrics)

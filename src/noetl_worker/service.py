@@ -198,6 +198,9 @@ async def _run_tree(
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
+            maintain = getattr(rt.hooks, "maintain", None)
+            if maintain is not None:
+                background.start_soon(supervise, "maintenance", maintain, metrics)
             async with trio.open_nursery() as execution:
                 async with trio.open_nursery() as intake:
                     intake.start_soon(

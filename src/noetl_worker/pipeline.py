@@ -1,0 +1,182 @@
+"""The full per-command pipeline around a tool (the ``dispatch.Hooks`` the worker runs with):
+
+1. reference envelopes in the claim context resolved (the Python server sends any context field
+   over 8 KiB as a ``result_ref``), then step references the templates need (§3.9);
+2. credential aliases and ``{{ keychain.… }}`` references resolved, secrets collected;
+3. the tool result scrubbed and sent inline, or stored and sent as a reference (§3.6);
+4. ``context.cases`` evaluated: ``exit`` → ``step.exit``, ``set_var`` → ``POST /api/vars``,
+   ``fail`` → ``command.failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from . import cases as case_rules
+from .config import Settings
+from .credentials import keychain_env_secrets, resolve_credentials, resolve_keychain_refs
+from .dispatch import CaseEffect, Command, rebuild_context
+from .errors import ControlPlaneError, CredentialError, ToolError
+from .events import Event, EventFactory
+from .ipc_cache import IpcCache
+from .metrics import Metrics
+from .results import build_call_done_result, resolve_envelopes, resolve_render_references
+from .scrub import Scrubber
+from .sealed import SealingKey
+from .tools.base import ToolContext, ToolResult
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_RETRIES = 3  # in-process tries for a transient credential failure before failing
+SWEEP_INTERVAL = 15.0
+
+
+@attrs.define(eq=False)
+class Pipeline:
+    settings: Settings
+    metrics: Metrics
+    keychain: dict[str, str]
+    scrubber: Scrubber
+    sealing: SealingKey
+    ipc: IpcCache | None
+
+    @classmethod
+    def create(
+        cls, settings: Settings, metrics: Metrics, environ: Mapping[str, str] | None = None
+    ) -> Pipeline:
+        keychain = keychain_env_secrets(
+            settings.keychain_env_vars, os.environ if environ is None else environ
+        )
+        ipc = None
+        if settings.ipc_cache_budget_bytes > 0:
+            ipc = IpcCache(
+                settings.ipc_cache_budget_bytes, node_id=settings.ipc_node_id, producer=settings.hostname
+            )
+        return cls(
+            settings, metrics, keychain, Scrubber.create(keychain.values()), SealingKey.generate(), ipc
+        )
+
+    @property
+    def public_key_b64(self) -> str:
+        return self.sealing.public_key_b64()
+
+    async def prepare(self, command: Command, ctx: ToolContext) -> tuple[dict[str, Any], ToolContext]:
+        context = await resolve_envelopes(command.context, ctx.server)
+        if not isinstance(context, dict):
+            raise ToolError("the claim's context resolved to something other than a JSON object")
+        render_context = context.get("render_context")
+        if isinstance(render_context, Mapping):
+            context["render_context"] = await resolve_render_references(context, render_context, ctx.server)
+        command = attrs.evolve(command, context=context)
+        ctx = rebuild_context(command, ctx)
+        config = command.tool_config()
+        secrets = dict(self.keychain)
+        resolved = await self._credentials(command, ctx, config)
+        config = resolved.config
+        secrets.update(resolved.secrets)
+        catalog_id = command.meta.get("catalog_id") or ctx.variables.get("catalog_id")
+        config, used = await resolve_keychain_refs(
+            config,
+            server=ctx.server,
+            catalog_id=None if catalog_id is None else str(catalog_id),
+            execution_id=command.execution_id,
+            attempts=command.attempts,
+        )
+        secrets.update(used)
+        return config, attrs.evolve(ctx, secrets=secrets)
+
+    async def _credentials(self, command: Command, ctx: ToolContext, config: dict[str, Any]) -> Any:
+        for attempt in range(1, CREDENTIAL_RETRIES + 1):
+            try:
+                return await resolve_credentials(
+                    config,
+                    server=ctx.server,
+                    execution_id=command.execution_id,
+                    attempts=command.attempts,
+                    sealing=self.sealing if self.settings.sealed_credentials else None,
+                    worker_id=self.settings.worker_id,
+                )
+            except CredentialError as exc:
+                # Upstream ends a command silently on a transient credential failure and hopes
+                # the server re-issues it; we retry here and fail it visibly if that does not help.
+                if not exc.retryable or attempt == CREDENTIAL_RETRIES:
+                    raise CredentialError(str(exc), retryable=False) from exc
+                log.warning(
+                    "credential lookup failed (%s); retry %d of %d", exc, attempt, CREDENTIAL_RETRIES - 1
+                )
+                await trio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _scrubber(self, ctx: ToolContext) -> Scrubber:
+        extra = [v for k, v in ctx.secrets.items() if k not in self.keychain]
+        return self.scrubber.with_secrets(extra) if extra else self.scrubber
+
+    async def call_done_result(
+        self, command: Command, ctx: ToolContext, result: ToolResult
+    ) -> dict[str, Any]:
+        return await build_call_done_result(
+            result.to_json(),
+            execution_id=command.execution_id,
+            step=command.step,
+            server=ctx.server,
+            scrubber=self._scrubber(ctx),
+            inline_max_bytes=self.settings.result_inline_max_bytes,
+            ipc_cache=self.ipc,
+            cursor=command.cursor,
+            metrics=self.metrics,
+        )
+
+    async def after_result(
+        self, command: Command, ctx: ToolContext, result: ToolResult, events: EventFactory
+    ) -> CaseEffect:
+        raw = command.context.get("cases")
+        if not raw:
+            return CaseEffect()
+        parsed, errors = case_rules.parse_cases(raw)
+        warnings = tuple(f"case ignored: {e}" for e in errors)
+        for warning in warnings:
+            log.warning(warning)
+        try:
+            action = case_rules.evaluate(parsed, result.data, ctx.variables, ctx.render)
+        except case_rules.CaseError as exc:
+            return CaseEffect(warnings=warnings, fail_message=f"case evaluation failed: {exc}")
+        extra: list[Event] = []
+        if isinstance(action, case_rules.Exit):
+            extra.append(events.step_exit(action.status, ctx.render(action.data)))
+        elif isinstance(action, case_rules.SetVar):
+            try:
+                await ctx.server.post_json(
+                    f"/api/vars/{command.execution_id}", {action.name: ctx.render(action.value)}
+                )
+            except ControlPlaneError as exc:
+                warnings += (f"set_var {action.name} failed: {exc}",)
+                log.warning("case set_var %s failed: %s", action.name, exc)
+        elif isinstance(action, case_rules.Fail):
+            return CaseEffect(tuple(extra), warnings=warnings, fail_message=str(ctx.render(action.message)))
+        return CaseEffect(tuple(extra), warnings=warnings)
+
+    def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str:
+        return (self._scrubber(ctx) if ctx is not None else self.scrubber).scrub_text(text)
+
+    async def maintain(self) -> None:
+        """Unlink shared-memory results whose lease expired (and, once, leftovers of a crash)."""
+        if self.ipc is None:
+            return
+        ipc = self.ipc
+        removed = await trio.to_thread.run_sync(ipc.sweep_orphans)
+        if removed:
+            log.info("removed %d expired shared-memory result(s) left by an earlier process", removed)
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            await trio.to_thread.run_sync(ipc.sweep)
+
+    async def aclose(self) -> None:
+        if self.ipc is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.ipc.close)
