@@ -27,3 +27,65 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# ---- real components -------------------------------------------------------------------------
+
+from collections.abc import AsyncIterator, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+from noetl_worker.config import Settings  # noqa: E402
+from noetl_worker.testing import (  # noqa: E402
+    NatsServer,
+    Publisher,
+    StubServer,
+    StubState,
+    open_nats_server,
+    open_publisher,
+    open_stub_server,
+)
+
+
+@pytest.fixture
+async def nats() -> AsyncIterator[NatsServer]:
+    """A real nats-server with JetStream, on a free loopback port with its own store dir."""
+    async with open_nats_server() as server:
+        yield server
+
+
+@pytest.fixture
+def stub_state() -> StubState:
+    """Override in a test module (or parametrize) for another flavor or policy."""
+    return StubState()
+
+
+@pytest.fixture
+async def stub(stub_state: StubState) -> AsyncIterator[StubServer]:
+    """The stub control plane over real HTTP (hypercorn on port 0)."""
+    async with open_stub_server(stub_state) as server:
+        yield server
+
+
+@pytest.fixture
+async def publisher(nats: NatsServer) -> AsyncIterator[Publisher]:
+    async with open_publisher(nats.url) as pub:
+        yield pub
+
+
+@pytest.fixture
+def make_settings(nats: NatsServer, stub: StubServer) -> Callable[..., Settings]:
+    """Settings for a worker wired to this test's nats-server and stub; keyword args are env vars."""
+
+    def make(**env: str) -> Settings:
+        base = {
+            "NATS_URL": nats.url,
+            "NOETL_SERVER_URL": stub.url,
+            "WORKER_METRICS_BIND": "127.0.0.1:0",
+            "WORKER_HEARTBEAT_INTERVAL": "2",
+            "NOETL_LOG_FORMAT": "text",
+        }
+        base.update(env)
+        return Settings.from_env(base)
+
+    return make

@@ -6,7 +6,6 @@ from typing import Any
 import pytest
 import trio
 
-from .fake_server_api import FakeServer
 from noetl_worker.credentials import (
     ResolvedConfig,
     keychain_env_secrets,
@@ -15,6 +14,8 @@ from noetl_worker.credentials import (
 )
 from noetl_worker.errors import CredentialError, HTTPStatusError, ToolError, TransportError
 from noetl_worker.sealed import SealingKey, seal
+
+from .fake_server_api import FakeServer
 
 
 def credential(kind: str, **data: Any) -> dict[str, Any]:

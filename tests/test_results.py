@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import trio
 
-from .fake_server_api import FakeServer
 from noetl_worker.errors import HTTPStatusError, TransportError
 from noetl_worker.ipc_cache import IpcCache, read_hint
 from noetl_worker.results import (
@@ -20,6 +19,8 @@ from noetl_worker.results import (
     template_accessors,
 )
 from noetl_worker.scrub import REDACTED, Scrubber
+
+from .fake_server_api import FakeServer
 
 ALLOWED_RESULT_KEYS = {"status", "reference", "context", "command_id"}
 PUT_ANSWER = {
