@@ -33,6 +33,7 @@ MakeSettings = Callable[..., Settings]
 INLINE_MAX = "2048"
 SHM_DIR = "/dev/shm"
 PUT_ATTEMPTS = 3  # the worker's tries of a durable result PUT before it gives up
+CREDENTIAL_HTTP_ATTEMPTS = 3  # the HTTP client's tries of a credential GET per lookup
 
 
 @pytest.fixture
@@ -207,6 +208,10 @@ async def test_credential_aliases(
         retried = bearer_call(state, stub, "retried", "api_token")
         state.inject("GET", r"^/api/credentials/api_token$", 503, times=1)
         await run_commands(stub, publisher, make_settings(), [retried])
+        # An outage outlasting the HTTP client's own retries is retried by the pipeline.
+        outlasted = bearer_call(state, stub, "outlasted", "api_token")
+        state.inject("GET", r"^/api/credentials/api_token$", 503, times=CREDENTIAL_HTTP_ATTEMPTS)
+        await run_commands(stub, publisher, make_settings(), [outlasted])
 
     assert tool_result(state, bearer)["data"]["status_code"] == 200
     assert authorization_seen_by(state, "bearer") == [f"Bearer {token}"]
@@ -215,8 +220,10 @@ async def test_credential_aliases(
     assert authorization_seen_by(state, "unknown") == []
     assert tool_result(state, retried)["data"]["status_code"] == 200
     assert authorization_seen_by(state, "retried") == [f"Bearer {token}"]
+    assert tool_result(state, outlasted)["data"]["status_code"] == 200
+    assert authorization_seen_by(state, "outlasted") == [f"Bearer {token}"]
     answered = [r.status for r in state.requests_to(r"^/api/credentials/api_token$", "GET")]
-    assert answered == [200, 503, 200]
+    assert answered == [200, 503, 200, *[503] * CREDENTIAL_HTTP_ATTEMPTS, 200]
     assert token not in request_bodies(state)
 
 
