@@ -246,12 +246,21 @@ class Bus:
 
     async def close(self) -> None:
         """Drain and close; shielded so it completes during cancellation."""
-        nc, self._nc, self._js, self._sub = self._nc, None, None, None
+        nc, sub, self._nc, self._js, self._sub = self._nc, self._sub, None, None, None
         self.bound = False
         self.closing = True
         if nc is None:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if sub is not None:
+                # Drain waits until every queued message of each subscription is consumed; a
+                # pull subscription's queue still holds the answer to the fetch the shutdown
+                # cancelled, which nobody reads: drain would always stall until the timeout.
+                # Messages left there are unacked and JetStream redelivers them.
+                try:
+                    await _call(sub.unsubscribe)
+                except BusError as exc:
+                    log.debug("nats unsubscribe: %s", exc)
             try:
                 await _call(nc.drain)
             except BusError as exc:
