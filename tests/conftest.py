@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -29,9 +30,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+async def poll_until(predicate: Callable[[], bool], interval: float = 0.05) -> None:
+    """For state that lives outside this process (a NATS connection flag, a consumer's lag) and
+    so has no event to wait on. Callers bound it with ``trio.fail_after``."""
+    import trio
+
+    while not predicate():  # noqa: ASYNC110 - no event exists for remote state
+        await trio.sleep(interval)
+
+
 # ---- real components -------------------------------------------------------------------------
 
-from collections.abc import AsyncIterator, Callable  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
 
 import pytest  # noqa: E402
 

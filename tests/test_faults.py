@@ -19,7 +19,7 @@ from noetl_worker.config import Settings
 from noetl_worker.errors import BusError
 from noetl_worker.testing import NatsServer, Publisher, StubCommand, StubServer, StubState, open_worker
 
-from .conftest import PYTHON, subprocess_env
+from .conftest import PYTHON, poll_until, subprocess_env
 from .test_integration import worker_events
 
 
@@ -72,8 +72,7 @@ async def test_nats_server_killed_and_restarted_mid_run(
 
             nats.kill()
             await nats.wait()
-            while worker.readiness()[0]:
-                await trio.sleep(0.05)
+            await poll_until(lambda: not worker.readiness()[0])
             assert worker.readiness() == (False, "nats not connected")
             await trio.sleep(1.0)  # a real outage, not a blip
 
@@ -81,8 +80,7 @@ async def test_nats_server_killed_and_restarted_mid_run(
             after = ledger_commands(stub, ledger, "b", 6)
             await publish_all(publisher, stub, after)
             await stub.state.wait_terminal(before + after, timeout=60)
-            while not worker.readiness()[0]:
-                await trio.sleep(0.05)
+            await poll_until(lambda: worker.readiness()[0])
     assert_each_ran_once(stub, ledger, before + after)
 
 
