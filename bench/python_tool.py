@@ -21,9 +21,7 @@ from noetl_worker.tools import resolve
 from noetl_worker.tools.base import ToolContext, ToolResources
 
 CODE = "def main():\n    return 1\n"
-COLD = (
-    f"import json\nns = {{}}\nexec({CODE!r}, ns)\nprint(json.dumps({{'result': ns['main']()}}))\n"
-)
+COLD = f"import json\nns = {{}}\nexec({CODE!r}, ns)\nprint(json.dumps({{'result': ns['main']()}}))\n"
 
 
 def cold(n: int) -> float:

@@ -121,9 +121,7 @@ def require_binary(name: str, package: str) -> str:
         return str(candidate)
     found = shutil.which(name)
     if found is None:
-        raise ToolMissing(
-            f"{name} not found; install it with `{sys.executable} -m pip install {package}`"
-        )
+        raise ToolMissing(f"{name} not found; install it with `{sys.executable} -m pip install {package}`")
     return found
 
 
@@ -350,9 +348,7 @@ def check_workload_contract(docs: list[Doc], *, kind: str, pool: str | None) -> 
     resources = container.get("resources") or {}
     for section, expected in (("requests", ("100m", "128Mi")), ("limits", ("500m", "256Mi"))):
         got_res = resources.get(section) or {}
-        _expect(
-            problems, f"resources.{section}", (got_res.get("cpu"), got_res.get("memory")), expected
-        )
+        _expect(problems, f"resources.{section}", (got_res.get("cpu"), got_res.get("memory")), expected)
 
     sc = container.get("securityContext") or {}
     psc = pod.get("securityContext") or {}
@@ -556,8 +552,7 @@ def yamllint(paths: Iterable[Path] | None = None) -> list[str]:
             continue
         for problem in linter.run(path.read_text(), config, rel):
             problems.append(
-                f"{rel}:{problem.line}:{problem.column}: {problem.level}: "
-                f"{problem.desc} ({problem.rule})"
+                f"{rel}:{problem.line}:{problem.column}: {problem.level}: {problem.desc} ({problem.rule})"
             )
     return problems
 
@@ -602,15 +597,12 @@ def check_kind_base_drift() -> list[str]:
     for filename, docs in kind_base_render().items():
         path = KIND_BASE / filename
         if not path.exists():
-            problems.append(
-                f"{path.relative_to(ROOT)} is missing; run ops/validate.py --write-kind-base"
-            )
+            problems.append(f"{path.relative_to(ROOT)} is missing; run ops/validate.py --write-kind-base")
             continue
         committed = [d for d in yaml.safe_load_all(path.read_text()) if d]
         if committed != docs:
             problems.append(
-                f"{path.relative_to(ROOT)} differs from the chart; run "
-                "ops/validate.py --write-kind-base"
+                f"{path.relative_to(ROOT)} differs from the chart; run ops/validate.py --write-kind-base"
             )
     return problems
 
@@ -654,23 +646,17 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
         pool = name.removeprefix("noetl-worker-")
         container = worker_container([wl])
         _expect(problems, f"{name} image", container.get("image"), "noetl-worker:dev")
-        _expect(
-            problems, f"{name} imagePullPolicy", container.get("imagePullPolicy"), "IfNotPresent"
-        )
+        _expect(problems, f"{name} imagePullPolicy", container.get("imagePullPolicy"), "IfNotPresent")
         env = env_of([wl])
         for var, value in KIND_ENV.items():
             _expect(problems, f"{name} env {var}", env.get(var, {}).get("value"), value)
-        problems.extend(
-            f"{name}: {p}" for p in check_workload_contract([wl], kind="Deployment", pool=pool)
-        )
+        problems.extend(f"{name}: {p}" for p in check_workload_contract([wl], kind="Deployment", pool=pool))
     return problems
 
 
 def kind_overlay_files() -> list[Doc]:
     yaml = _yaml()
-    return [
-        d for p in sorted(KIND_BASE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d
-    ]
+    return [d for p in sorted(KIND_BASE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 # ------------------------------------------------------------ configuration
@@ -819,9 +805,7 @@ def run_checks() -> int:
         else:
             guarded(
                 "kubectl kustomize ops/kind",
-                lambda: (
-                    check_kind_overlay(overlay) + validate_kubernetes(overlay, KUBE_VERSIONS[-1])
-                ),
+                lambda: check_kind_overlay(overlay) + validate_kubernetes(overlay, KUBE_VERSIONS[-1]),
             )
     guarded("grafana dashboard", check_dashboard)
     print(f"{'FAILED' if failed else 'OK'}: {failed} check(s) failed")
