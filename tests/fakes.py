@@ -15,7 +15,7 @@ import trio
 
 from noetl_worker.config import normalize_server_url
 from noetl_worker.control_plane import AlreadyClaimed, Claimed, ClaimOutcome
-from noetl_worker.errors import HTTPStatusError
+from noetl_worker.errors import HTTPStatusError, TransportError
 from noetl_worker.events import Event
 
 
@@ -115,6 +115,7 @@ class FakePlane:
     heartbeats: list[float] = attrs.field(factory=list)
     deregistered: list[float] = attrs.field(factory=list)
     heartbeat_status: Callable[[], int] = lambda: 200
+    register_failures: int = 0  # the server is down for this many registration attempts
     default_url: str = "http://server"
     changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -169,6 +170,9 @@ class FakePlane:
             await self.changed.wait()
 
     async def register(self, public_key_b64: str | None = None) -> None:
+        if self.register_failures:
+            self.register_failures -= 1
+            raise TransportError("connection refused")
         self.registered.append(trio.current_time())
 
     async def heartbeat(self) -> None:

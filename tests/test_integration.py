@@ -13,6 +13,8 @@ import trio
 from noetl_worker.config import Settings
 from noetl_worker.testing import Publisher, StubServer, StubState, open_worker
 
+from .conftest import poll_until
+
 pytestmark = pytest.mark.usefixtures("nats")
 
 
@@ -287,3 +289,57 @@ async def test_a_tool_error_is_reported_as_call_error_and_command_failed(
     (error,) = payloads(stub, bad, "call.error")
     assert "shell.cmds" in error["error"] and "list of strings" in error["error"]
     assert stub.state.command(bad.event_id).status == "FAILED"  # type: ignore[union-attr]
+
+
+async def test_internal_api_token_is_sent_on_every_control_plane_call(
+    stub: StubServer, publisher: Publisher, make_settings: Callable[..., Settings]
+) -> None:
+    command = stub.state.enqueue_command(step="a", tool_kind="noop", tool_config={})
+    with trio.fail_after(30):
+        async with open_worker(make_settings(NOETL_INTERNAL_API_TOKEN="s3cret-token")):
+            await publisher.publish_command(command.notification(stub.url))
+            await stub.state.wait_terminal([command], timeout=20)
+    paths = {r.path for r in stub.state.request_log}
+    assert {
+        "/api/worker/pool/register",
+        f"/api/commands/{command.event_id}/claim",
+        "/api/events/batch",
+    } <= paths
+    for request in stub.state.request_log:
+        assert request.headers.get("authorization") == "Bearer s3cret-token", request.path
+
+
+async def test_a_shell_command_past_its_deadline_leaves_no_process_behind(
+    stub: StubServer, publisher: Publisher, make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! > {pids}; sleep 300"
+    command = stub.state.enqueue_command(
+        step="a", tool_kind="shell", tool_config={"command": script, "timeout": 1}
+    )
+    with trio.fail_after(30):
+        async with open_worker(make_settings()):
+            await publisher.publish_command(command.notification(stub.url))
+            await stub.state.wait_terminal([command], timeout=20)
+    (done,) = payloads(stub, command, "call.done")
+    assert done["result"]["status"] == "timeout"
+    child = int(pids.read_text())
+    # the whole process group was killed: the background `sleep` is gone (or a zombie awaiting init)
+    try:
+        stat = await trio.Path(f"/proc/{child}/stat").read_text()
+    except FileNotFoundError:
+        return
+    assert stat.split()[2] == "Z"
+
+
+async def test_consumer_lag_gauges_are_exported(
+    stub: StubServer, publisher: Publisher, make_settings: Callable[..., Settings]
+) -> None:
+    with trio.fail_after(30):
+        async with open_worker(make_settings(WORKER_NATS_LAG_POLL_INTERVAL="0.2")) as worker:
+            registry = worker.runtime.metrics.registry  # type: ignore[union-attr]
+            labels = {"stream": "noetl_commands", "consumer": "worker-pool"}
+            await poll_until(
+                lambda: registry.get_sample_value("noetl_worker_nats_consumer_pending", labels) is not None
+            )
+            assert registry.get_sample_value("noetl_worker_nats_consumer_ack_pending", labels) == 0

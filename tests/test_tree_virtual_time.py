@@ -203,3 +203,48 @@ async def test_malformed_and_foreign_pool_notifications(autojump_clock: trio.abc
         metrics = state.runtime.metrics  # type: ignore[union-attr]
         assert metrics.poison._value.get() == 1
         state.stop.set()
+
+
+async def test_a_server_down_at_start_is_retried_not_fatal(autojump_clock: trio.abc.Clock) -> None:
+    bus, plane = FakeBus(), FakePlane(register_failures=5)
+    s = settings()
+    state = service.WorkerState(s.heartbeat_interval)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: service.serve(s, state=state, bus=bus, plane=plane, http=False, handle_signals=False)
+        )
+        await state.started.wait()
+        await trio.sleep(1)
+        assert state.readiness() == (False, "not registered with the server")
+        with trio.fail_after(60):
+            await state.ready.wait()
+        assert len(plane.registered) == 1
+        msg = bus.publish(plane.add(1, "noop", {}))
+        await plane.wait_terminal("cmd-1")
+        state.stop.set()
+    assert msg.settled == "ack"
+
+
+async def test_a_second_delivery_of_a_running_command_is_acked_without_running_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    runs = []
+
+    async def counted(config: Any, ctx: ToolContext) -> ToolResult:
+        runs.append(ctx.command_id)
+        await trio.sleep(10)
+        return ToolResult("success")
+
+    tools.register("test_counted", counted)
+    bus, plane = FakeBus(), FakePlane()
+    async with trio.open_nursery() as nursery:
+        state = await start_tree(nursery, settings(WORKER_MAX_CONCURRENT="2"), bus, plane)
+        notification = plane.add(1, "test_counted", {})
+        first = bus.publish(notification)
+        await trio.sleep(1)
+        second = bus.publish(notification)  # e.g. redelivered after a missed in-progress ack
+        await trio.sleep(0.1)
+        assert second.settled == "ack" and first.settled is None
+        await plane.wait_terminal("cmd-1")
+        state.stop.set()
+    assert runs == ["cmd-1"] and first.settled == "ack"

@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="print the effective configuration (secrets masked) and exit")
     demo = sub.add_parser("demo", help="run a self-contained demo (embedded nats-server and stub server)")
     demo.add_argument("--commands", type=int, default=0, help="extra noop commands to run (default 0)")
+    demo.add_argument(
+        "--postgres-dsn",
+        metavar="DSN",
+        help="also run a postgres command against this database, e.g. postgresql://postgres@127.0.0.1/test",
+    )
     args = parser.parse_args(argv)
 
     from .config import Settings
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(settings, extra_noops=args.commands)
+        return run_demo(settings, extra_noops=args.commands, postgres_dsn=args.postgres_dsn)
 
     from .service import run
 

@@ -1,7 +1,8 @@
 """``noetl-worker demo``: the real worker tree against an embedded nats-server and the stub
 control plane, on a fresh machine with no other service running.
 
-Publishes a handful of commands (one or more per tool kind that needs no external service),
+Publishes a handful of commands (one or more per tool kind that needs no external service; the
+``postgres`` tool too when ``--postgres-dsn`` names a database),
 waits for their terminal events, prints a table (command, tool, status, duration) and the key
 metrics, and exits 0 — or 1 if a command did not end as expected.
 """
@@ -40,7 +41,9 @@ PY_BIG = (
 )
 
 
-def demo_commands(server_url: str, extra_noops: int = 0) -> list[DemoCommand]:
+def demo_commands(
+    server_url: str, extra_noops: int = 0, postgres_dsn: str | None = None
+) -> list[DemoCommand]:
     commands = [
         DemoCommand(
             "http_get", "http", {"url": f"{server_url}/api/worker/pools", "method": "GET"}, "success"
@@ -85,6 +88,13 @@ def demo_commands(server_url: str, extra_noops: int = 0) -> list[DemoCommand]:
         ),
         DemoCommand("unknown_tool", "does_not_exist", {}, "FAILED"),
     ]
+    if postgres_dsn:
+        query = "SELECT current_database() AS db, 6 * 7 AS answer; SELECT 1 AS one"
+        commands.append(
+            DemoCommand(
+                "postgres_query", "postgres", {"connection_string": postgres_dsn, "query": query}, "success"
+            )
+        )
     commands += [DemoCommand(f"noop_{i}", "noop", {"result": i}, "success") for i in range(extra_noops)]
     return commands
 
@@ -106,7 +116,7 @@ def _terminal(state: StubState, command_id: Any) -> Any:
     return None
 
 
-async def _run(settings: Settings, extra_noops: int, out: TextIO) -> int:
+async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, out: TextIO) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
@@ -116,7 +126,7 @@ async def _run(settings: Settings, extra_noops: int, out: TextIO) -> int:
         settings = attrs.evolve(Settings.from_env(env), **_keep(settings))
         async with open_publisher(nats.url) as publisher, open_worker(settings) as worker:
             say(f"demo: worker {settings.worker_id} ready; metrics on {', '.join(worker.urls)}")
-            specs = demo_commands(stub.url, extra_noops)
+            specs = demo_commands(stub.url, extra_noops, postgres_dsn)
             queued = []
             for spec in specs:
                 command = stub.state.enqueue_command(
@@ -197,6 +207,8 @@ def _table(say: Any, header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -
         say("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
-def run_demo(settings: Settings, *, extra_noops: int = 0, out: TextIO | None = None) -> int:
-    result: int = trio.run(_run, settings, extra_noops, out or sys.stdout)
+def run_demo(
+    settings: Settings, *, extra_noops: int = 0, postgres_dsn: str | None = None, out: TextIO | None = None
+) -> int:
+    result: int = trio.run(_run, settings, extra_noops, postgres_dsn, out or sys.stdout)
     return result
