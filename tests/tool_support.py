@@ -28,6 +28,7 @@ def make_ctx(
     server: Any = None,
     secrets: Mapping[str, str] | None = None,
     render: Callable[[Any], Any] | None = None,
+    variables: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> ToolContext:
     kwargs: dict[str, Any] = {}
@@ -39,7 +40,7 @@ def make_ctx(
         command_id="cmd-1",
         worker_id="worker-test",
         server_url="http://127.0.0.1:1",
-        variables={},
+        variables=dict(variables or {}),
         secrets=dict(secrets or {}),
         server=server if server is not None else NoServer(),
         resources=resources if resources is not None else ToolResources(),

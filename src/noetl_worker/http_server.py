@@ -22,6 +22,18 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Complete hypercorn's lifespan startup and shutdown. An app that simply returned on the
+    lifespan scope would make hypercorn send into a closed channel and fail at startup."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 def make_app(
     metrics: Metrics, readiness: Callable[[], tuple[bool, str]]
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -39,13 +51,8 @@ def make_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]

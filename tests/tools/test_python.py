@@ -17,43 +17,23 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from noetl_worker import templating
-from noetl_worker.config import Settings
 from noetl_worker.errors import ToolConfigError, ToolError
 from noetl_worker.tools import resolve
 from noetl_worker.tools._forkserver import ForkServerHandle
 from noetl_worker.tools.base import ToolContext, ToolResources, ToolResult
 
+from ..tool_support import make_ctx
+
 OTHER_PYTHON = os.path.realpath(sys.executable)  # the same interpreter under another path
 VARIABLES: dict[str, Any] = {"workload": {"message": "hi"}, "user": {"id": 7, "tags": ["a"]}}
-
-
-class _NoServer:
-    async def get_json(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
-        raise AssertionError("the python tool never calls the server")
-
-    async def post_json(self, path: str, body: Any) -> Any:
-        raise AssertionError("the python tool never calls the server")
-
-    async def put_json(self, path: str, body: Any) -> Any:
-        raise AssertionError("the python tool never calls the server")
 
 
 @pytest.fixture
 async def ctx() -> AsyncIterator[ToolContext]:
     resources = ToolResources()
     try:
-        yield ToolContext(
-            execution_id=1,
-            step="step",
-            command_id="1:step:2",
-            worker_id="w-test",
-            server_url="http://127.0.0.1:1",
-            variables=VARIABLES,
-            secrets={},
-            server=_NoServer(),
-            resources=resources,
-            settings=Settings.from_env({}),
-            render=lambda value: templating.render(value, VARIABLES),
+        yield make_ctx(
+            resources, variables=VARIABLES, render=lambda value: templating.render(value, VARIABLES)
         )
     finally:
         await resources.aclose()
@@ -323,18 +303,7 @@ async def test_a_dead_fork_server_is_replaced_on_the_next_call(ctx: ToolContext)
 
 async def test_closing_resources_stops_the_fork_server(tmp_path: Path) -> None:
     resources = ToolResources()
-    ctx = ToolContext(
-        execution_id=1,
-        step="s",
-        command_id="c",
-        worker_id="w",
-        server_url="http://127.0.0.1:1",
-        variables={},
-        secrets={},
-        server=_NoServer(),
-        resources=resources,
-        settings=Settings.from_env({}),
-    )
+    ctx = make_ctx(resources)
     try:
         assert (await run({"code": "result = 1"}, ctx)).data == 1
         server = await (await _handle(ctx)).server()

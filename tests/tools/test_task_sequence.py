@@ -9,10 +9,11 @@ import pytest
 import trio
 
 from noetl_worker import templating
-from noetl_worker.config import Settings
 from noetl_worker.errors import ToolConfigError, ToolError
 from noetl_worker.tools import register, resolve
 from noetl_worker.tools.base import ToolContext, ToolResources, ToolResult
+
+from ..tool_support import make_ctx
 
 VARIABLES: dict[str, Any] = {"workload": {"base": 10}, "user": "ada"}
 CALLS: list[str] = []
@@ -38,34 +39,13 @@ register("test_explode", _explode)
 register("test_sleepy", _sleepy)
 
 
-class _NoServer:
-    async def get_json(self, path: str, *, params: Mapping[str, Any] | None = None) -> Any:
-        raise AssertionError("not used")
-
-    async def post_json(self, path: str, body: Any) -> Any:
-        raise AssertionError("not used")
-
-    async def put_json(self, path: str, body: Any) -> Any:
-        raise AssertionError("not used")
-
-
 @pytest.fixture
 async def ctx() -> AsyncIterator[ToolContext]:
     CALLS.clear()
     resources = ToolResources()
     try:
-        yield ToolContext(
-            execution_id=1,
-            step="seq",
-            command_id="1:seq:2",
-            worker_id="w-test",
-            server_url="http://127.0.0.1:1",
-            variables=VARIABLES,
-            secrets={},
-            server=_NoServer(),
-            resources=resources,
-            settings=Settings.from_env({}),
-            render=lambda value: templating.render(value, VARIABLES),
+        yield make_ctx(
+            resources, variables=VARIABLES, render=lambda value: templating.render(value, VARIABLES)
         )
     finally:
         await resources.aclose()

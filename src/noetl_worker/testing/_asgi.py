@@ -15,6 +15,8 @@ from urllib.parse import parse_qs
 
 import attrs
 
+from ..http_server import answer_lifespan
+
 log = logging.getLogger(__name__)
 
 Scope = Mapping[str, Any]
@@ -100,13 +102,8 @@ def make_app(on_request: OnRequest) -> Callable[[Scope, Receive, Send], Awaitabl
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         chunks: list[bytes] = []
