@@ -192,8 +192,10 @@ async def _run_tree(
         if http:
             state.urls = await root.start(serve_http, app, settings.metrics_bind, http_stop)
             log.info("metrics and probes on %s", ", ".join(state.urls))
+        # Its own scope: the receiver loops forever, and the root nursery must still finish.
+        signals_scope = trio.CancelScope()
         if handle_signals:
-            root.start_soon(_watch_signals, state)
+            root.start_soon(_watch_signals, state, signals_scope)
         async with trio.open_nursery() as background:
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
@@ -230,10 +232,11 @@ async def _run_tree(
             log.warning("deregistration timed out")
         await bus.close()
         http_stop.set()
+        signals_scope.cancel()
 
 
-async def _watch_signals(state: WorkerState) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(state: WorkerState, scope: trio.CancelScope) -> None:
+    with scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if state.stop.is_set():
                 log.warning("second %s: already draining", signal.Signals(signum).name)
