@@ -190,3 +190,22 @@ async def test_several_worker_processes_on_one_durable_consumer_run_each_command
     assert_each_ran_once(stub, ledger, commands)
     workers = {stub.state.command(c.event_id).worker_id for c in commands}  # type: ignore[union-attr]
     assert workers <= set(ids)
+
+
+async def test_ctrl_c_on_a_local_run_drains_and_exits_0_quickly(
+    nats: NatsServer, stub: StubServer, publisher: Publisher, tmp_path: Path
+) -> None:
+    """SIGINT (Ctrl-C in a terminal) takes the same drain path as SIGTERM, without a long wait."""
+    command = stub.state.enqueue_command(step="s", tool_kind="noop", tool_config={})
+    with trio.fail_after(60):
+        async with worker_process(stub, nats, tmp_path / "worker.log", WORKER_ID="w-int") as process:
+            await wait_registered(stub, "w-int")
+            await publish_all(publisher, stub, [command])
+            await stub.state.wait_terminal([command], timeout=30)
+            interrupted = trio.current_time()
+            process.send_signal(signal.SIGINT)
+            code = await process.wait()
+            took = trio.current_time() - interrupted
+    assert code == 0, (tmp_path / "worker.log").read_text()
+    assert stub.state.deregistrations == ["w-int"]
+    assert took < 3, f"an idle worker took {took:.1f}s to stop"

@@ -62,6 +62,7 @@ class Message:
     data: bytes
     subject: str
     num_delivered: int
+    num_pending: int = 1  # messages still waiting in the consumer behind this one (1 = unknown)
     settled: bool = False
 
     async def ack(self) -> None:
@@ -223,10 +224,11 @@ class Bus:
         out = []
         for msg in msgs:
             try:
-                delivered = msg.metadata.num_delivered
+                metadata = msg.metadata
+                delivered, pending = metadata.num_delivered, metadata.num_pending
             except Exception:
-                delivered = 1
-            out.append(Message(msg, msg.data, msg.subject, delivered))
+                delivered, pending = 1, 1
+            out.append(Message(msg, msg.data, msg.subject, delivered, pending))
         return out
 
     async def consumer_lag(self) -> ConsumerLag:
