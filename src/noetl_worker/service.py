@@ -129,9 +129,11 @@ async def serve(
             plane = await stack.enter_async_context(ControlPlane.open(settings, metrics))
         state.bus = bus
         if hooks is None:
-            from .hooks import default_hooks
+            # Imported here: the pipeline pulls in the results/credentials modules (and, lazily,
+            # pyarrow), which tests with their own hooks do not need.
+            from .pipeline import Pipeline
 
-            hooks = default_hooks(settings, metrics)
+            hooks = Pipeline.create(settings, metrics)
         rt = Runtime(
             settings=settings,
             plane=plane,
