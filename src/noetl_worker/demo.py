@@ -109,6 +109,20 @@ def _status(terminal: Any) -> str:
     return str(payload.get("status") or terminal.status)
 
 
+def _why(state: StubState, command_id: Any) -> str:
+    """What the worker reported about a command: its error, or the tool's error and stderr."""
+    for event in reversed(state.events_for(command_id)):
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        if event.event_type in ("call.error", "command.failed") and payload.get("error"):
+            return str(payload["error"])
+        if event.event_type == "call.done":
+            context = (payload.get("result") or {}).get("context") or {}
+            detail = context.get("error") or "no error message"
+            stderr = str(context.get("stderr") or "").strip()[-300:]
+            return f"{detail}" + (f"; stderr: {stderr}" if stderr else "")
+    return "no events from the worker"
+
+
 def _terminal(state: StubState, command_id: Any) -> Any:
     for event in state.events_for(command_id):
         if event.event_type in ("command.completed", "command.failed"):
@@ -157,6 +171,9 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
                     )
                 )
             _table(say, ("command", "tool", "status", "duration", "check"), rows)
+            for spec, command in queued:
+                if _status(_terminal(stub.state, command.command_id)) != spec.expect:
+                    say(f"  {spec.step}: {_why(stub.state, command.command_id)}")
             runtime = worker.runtime
         # The worker has drained and deregistered: its metrics are final.
         if runtime is not None:

@@ -329,3 +329,34 @@ async def test_bad_configuration_names_the_field(ctx: ToolContext) -> None:
         await run({"script": {"uri": "gs://b/x.py", "source": {"type": "gcs"}}}, ctx)
     with pytest.raises(ToolConfigError, match="python"):
         await run({"code": "pass", "python": "/nonexistent/python3"}, ctx)
+
+
+async def test_a_large_result_is_delivered_even_over_a_non_blocking_socket(ctx: ToolContext) -> None:
+    """O_NONBLOCK lives on the open file description the fork server shares with the child: when
+    the server's flag won the race (under load), a large result failed with EAGAIN and was lost
+    ("python process ended without reporting a result"). Force that state and check delivery."""
+    from noetl_worker.tools._pyrunner import CALL_FD
+
+    code = (
+        "import os\n"
+        f"os.set_blocking({CALL_FD}, False)\n"
+        "def main():\n"
+        "    return ['x' * 100 for _ in range(20_000)]\n"
+    )
+    result = await run({"code": code}, ctx)
+    assert result.status == "success", result.error
+    assert len(result.data) == 20_000
+
+
+async def test_large_results_survive_concurrent_calls(ctx: ToolContext) -> None:
+    code = "def main(n):\n    return ['x' * 100 for _ in range(n)]"
+    results: list[ToolResult] = []
+
+    async def one() -> None:
+        results.append(await run({"code": code, "args": {"n": 20_000}}, ctx))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+    assert [r.status for r in results] == ["success"] * 4
+    assert all(len(r.data) == 20_000 for r in results)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -59,10 +60,27 @@ def _noop(signum: int, frame: Any) -> None:
 
 
 def _send_line(fd: int, message: dict[str, Any]) -> None:
+    # MSG_DONTWAIT per call, never O_NONBLOCK on the fd: the flag would live on the open file
+    # description shared with the child, which must be able to block while sending its result.
+    sock = socket.socket(fileno=fd)
     try:
-        os.write(fd, json.dumps(message).encode() + b"\n")
+        sock.send(json.dumps(message).encode() + b"\n", socket.MSG_DONTWAIT)
     except OSError:
-        pass  # the worker gave up on this call; nothing to tell
+        pass  # the worker gave up on this call (or is not reading): nothing to tell
+    finally:
+        sock.detach()
+
+
+def _write_all(sock: socket.socket, data: bytes) -> None:
+    """sendall that also copes with a socket someone made non-blocking (wait, don't fail)."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            select.select([], [sock], [])
+            continue
+        view = view[sent:]
 
 
 def _reap(children: dict[int, int]) -> None:
@@ -143,7 +161,6 @@ def serve(control_fd: int) -> None:
                     os._exit(70)
             os.close(out_fd)
             os.close(err_fd)
-            os.set_blocking(call_fd, False)
             children[pid] = call_fd
         _reap(children)
 
@@ -184,7 +201,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
         payload = json.dumps(outcome, allow_nan=False).encode()
     except Exception as exc:
         payload = json.dumps(_error_outcome(exc, "encoding the result")).encode()
-    call.sendall(payload + b"\n")
+    _write_all(call, payload + b"\n")
     os._exit(0)
 
 
