@@ -74,6 +74,14 @@ def test_every_lifecycle_event_is_valid_for_both_servers(factory: EventFactory) 
         python_server_accepts({**item, "execution_id": "42"})
 
 
+def test_the_payload_is_sent_once(factory: EventFactory) -> None:
+    body = factory.call_done({"status": "success", "context": {"data": "x" * 1000}}).to_json()
+    assert set(body) == {
+        "event_id", "execution_id", "event_type", "step", "status", "created_at", "context",
+        "worker_id", "meta", "actionable", "informative",
+    }  # fmt: skip
+
+
 def test_event_ids_are_unique_and_command_identity_travels(factory: EventFactory) -> None:
     a, b = factory.started(), factory.completed("success")
     assert a.event_id != b.event_id

@@ -1,9 +1,10 @@
 """Event envelope and catalogue.
 
-One envelope both servers accept: the Rust names (``event_type``, ``context``, ``node_name`` is
-not used) plus the Python aliases the Python server reads (``name``, ``payload``); the Python
-server ignores unknown fields and the Rust one ignores the aliases. ``payload.result`` only ever
-holds ``status``/``reference``/``context``/``command_id`` — the Python server answers 500 otherwise.
+One envelope both servers accept: the Rust worker's ``ExecutorEvent`` names (``event_type``,
+``context``), which the Python server reads as aliases of its own (``name``, ``payload``). Each
+value is sent once: a duplicate alias would double every body and its JSON encoding.
+``context.result`` only ever holds ``status``/``reference``/``context``/``command_id`` — the
+Python server answers 500 otherwise.
 """
 
 from __future__ import annotations
@@ -50,12 +51,10 @@ class Event:
             "event_id": self.event_id,
             "execution_id": self.execution_id,
             "event_type": self.event_type,
-            "name": self.event_type,
             "step": self.step,
             "status": self.status,
             "created_at": self.created_at,
             "context": self.context,
-            "payload": self.context,
             "worker_id": self.worker_id,
             "meta": meta,
             "actionable": self.event_type in ACTIONABLE,
