@@ -23,9 +23,11 @@ import httpx
 import trio
 
 from .config import Settings, normalize_server_url
-from .errors import HTTPStatusError, TransportError
+from .errors import ControlPlaneError, HTTPStatusError, TransportError
 from .events import Event
+from .jsonlimits import JSONLimitError, loads_bounded
 from .metrics import Metrics
+from .origins import ServerURLError, check_allowed
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,20 @@ class Claimed:
 
 @attrs.frozen
 class AlreadyClaimed:
-    """409: another worker holds it, or it is terminal / cancelled. Ack and skip."""
+    """409: another worker holds it, or it is terminal / cancelled."""
 
     code: str
     message: str
+    holder: str | None = None  # the worker holding the claim, when the server says
+    retry_after: float | None = None
+
+
+@attrs.frozen
+class InvalidAnswer:
+    """A 2xx claim answer that is not a command (not UTF-8 / JSON / an object, too deep, too
+    large). Redelivery would get the same answer: report command.failed and terminate."""
+
+    reason: str
 
 
 @attrs.frozen
@@ -119,7 +131,32 @@ class RetryLater:
     delay: float
 
 
-ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater
+ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater | InvalidAnswer
+
+CLAIM_MAX_DEPTH = 256  # deeper answers are refused before parsing (RecursionError otherwise)
+
+
+class AnswerTooLarge(Exception):
+    """A response body went over its byte budget while being read (the rest is not read)."""
+
+
+def parse_claim_answer(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The claim answer as a JSON object; raises JSONLimitError naming what is wrong."""
+    command = loads_bounded(body, max_bytes=max_bytes, max_depth=CLAIM_MAX_DEPTH, what="claim answer")
+    if not isinstance(command, dict):
+        raise JSONLimitError(f"claim answer is not a JSON object (got {type(command).__name__})")
+    return command
+
+
+def holder_of(body: bytes) -> str | None:
+    """The worker id a Python-server 409 names (``detail.worker_id``), if any."""
+    try:
+        payload = json.loads(body[:4096]) if body and len(body) <= 4096 else None
+    except (ValueError, RecursionError):
+        return None
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    holder = detail.get("worker_id") if isinstance(detail, dict) else None
+    return holder if isinstance(holder, str) and holder else None
 
 
 def conflict_details(body: bytes) -> tuple[str, str]:
@@ -150,6 +187,10 @@ def conflict_details(body: bytes) -> tuple[str, str]:
     return code, message
 
 
+class ServerNotAllowed(ControlPlaneError):
+    """The URL's origin is not in NOETL_SERVER_URL_ALLOWLIST: no request was sent."""
+
+
 # ---- the client -----------------------------------------------------------------------------
 
 
@@ -160,6 +201,7 @@ class ControlPlane:
     metrics: Metrics
     # Servers that answered 404/405 to /api/events/batch: single events from then on.
     _no_batch: set[str] = attrs.field(factory=set)
+    _allowed_bases: set[str] = attrs.field(factory=set)
 
     @classmethod
     @asynccontextmanager
@@ -196,7 +238,7 @@ class ControlPlane:
         timeout: float = REQUEST_TIMEOUT,
     ) -> Response:
         """One attempt. Raises TransportError; returns any HTTP status."""
-        url = self.base(server_url) + path
+        url = self.checked_base(server_url) + path
         content = raw if raw is not None else dumps(body) if body is not None else None
         try:
             with trio.fail_after(timeout):
@@ -206,6 +248,55 @@ class ControlPlane:
         except httpx.HTTPError as exc:
             raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         return Response(r.status_code, r.content, r.headers)
+
+    async def request_bounded(
+        self,
+        method: str,
+        server_url: str | None,
+        path: str,
+        *,
+        body: Any,
+        max_bytes: int,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Response:
+        """One attempt whose response body is read incrementally and abandoned past
+        ``max_bytes`` (AnswerTooLarge): an answer of any size costs at most that much memory."""
+        url = self.checked_base(server_url) + path
+        try:
+            with trio.fail_after(timeout):
+                async with self.client.stream(method, url, content=dumps(body)) as r:
+                    declared = r.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise AnswerTooLarge(
+                            f"answer of {method} {path} declares {declared} bytes, over {max_bytes}"
+                        )
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in r.aiter_bytes():  # decoded: bounds a gzip bomb too
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise AnswerTooLarge(
+                                f"answer of {method} {path} is over {max_bytes} bytes (not read further)"
+                            )
+                        chunks.append(chunk)
+                    return Response(r.status_code, b"".join(chunks), r.headers)
+        except trio.TooSlowError:
+            raise TransportError(f"{method} {url}: no answer within {timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
+
+    def checked_base(self, server_url: str | None) -> str:
+        """The base URL, refused (ServerNotAllowed) outside the allowlist. The intake already
+        terms such notifications; this keeps the token from going there by any other path."""
+        base = self.base(server_url)
+        if base not in self._allowed_bases:
+            try:
+                check_allowed(base, self.settings.server_url_allowlist)
+            except ServerURLError as exc:
+                raise ServerNotAllowed(f"{base}: {exc}") from None
+            if len(self._allowed_bases) < 1024:
+                self._allowed_bases.add(base)
+        return base
 
     async def call(
         self,
@@ -259,19 +350,27 @@ class ControlPlane:
         while True:
             attempt += 1
             try:
-                r = await self.request("POST", server_url, path, body=body)
+                r = await self.request_bounded(
+                    "POST", server_url, path, body=body, max_bytes=self.settings.claim_max_bytes
+                )
+            except AnswerTooLarge as exc:
+                self.metrics.pulls.labels("failed").inc()
+                return InvalidAnswer(str(exc))
             except TransportError as exc:
                 reason, retry_after = str(exc), None
             else:
                 if r.status in (200, 201):
-                    command = r.json()
-                    if not isinstance(command, dict):
-                        return Rejected(r.status, "claim answer is not a JSON object")
+                    try:
+                        command = parse_claim_answer(r.body, self.settings.claim_max_bytes)
+                    except JSONLimitError as exc:
+                        self.metrics.pulls.labels("failed").inc()
+                        return InvalidAnswer(str(exc))
                     self.metrics.pulls.labels("claimed").inc()
                     return Claimed(command)
                 if r.status == 409:
                     self.metrics.pulls.labels("already_claimed").inc()
-                    return AlreadyClaimed(*conflict_details(r.body))
+                    code, message = conflict_details(r.body)
+                    return AlreadyClaimed(code, message, holder_of(r.body), r.retry_after)
                 if r.status == 404:
                     self.metrics.pulls.labels("failed").inc()
                     return NotFound(r.body.decode(errors="replace")[:500])
