@@ -111,7 +111,7 @@ class Command:
         step = str(body.get("node_name") or body.get("node_id") or note.step)
         try:
             execution_id = int(body.get("execution_id", note.execution_id))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             execution_id = note.execution_id
         command_id = meta.get("command_id")
         if command_id is None or isinstance(command_id, bool):
@@ -120,7 +120,7 @@ class Command:
         attempts = meta.get("attempts", meta.get("attempt", 0))
         try:
             attempts = max(0, int(attempts))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             attempts = 0
         tool_config = context.get("tool_config")
         kind = body.get("action") or (tool_config.get("kind") if isinstance(tool_config, Mapping) else None)
@@ -142,7 +142,7 @@ class Command:
         if isinstance(cursor, Mapping):
             try:
                 return int(cursor.get("frame") or 0), int(cursor.get("row") or 0)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 pass
         return 0, 0
 
@@ -184,7 +184,7 @@ class Command:
                 continue
             try:
                 seconds = float(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 continue
             if seconds > 0 and math.isfinite(seconds):
                 return seconds
@@ -312,17 +312,7 @@ async def _claim_and_run(
             rt.metrics.skipped.labels("already_claimed").inc()
         return settle, delay
     if isinstance(outcome, InvalidAnswer):
-        message = f"claim_failed: {outcome.reason}"
-        log.error("claim answer refused: %s", outcome.reason)
-        events = EventFactory(
-            rt.ids.next_id, note.execution_id, note.step, note.command_id, rt.settings.worker_id
-        )
-        try:
-            await rt.plane.emit(server_url, [events.failed(message)], policy=RetryPolicy(attempts=2))
-        except ControlPlaneError as exc:
-            log.warning("could not report the refused claim answer: %s", exc)
-        # The same answer would come back on every redelivery: stop here.
-        return Settle.TERM, 0.0
+        return await _claim_and_run_invalid(rt, note, server_url, outcome.reason)
     if isinstance(outcome, RetryLater):
         log.warning("claim must be retried later (%s); nak with %.1fs delay", outcome.reason, outcome.delay)
         return Settle.NAK, outcome.delay
@@ -340,7 +330,10 @@ async def _claim_and_run(
         # A command the server does not know will never be claimable: stop redelivering it.
         return (Settle.TERM if isinstance(outcome, NotFound) else Settle.ACK), 0.0
     assert isinstance(outcome, Claimed)
-    command = Command.from_claim(note, server_url, outcome.command)
+    try:
+        command = Command.from_claim(note, server_url, outcome.command)
+    except Exception as exc:  # an answer of the right shape with values no command has
+        return await _claim_and_run_invalid(rt, note, server_url, f"{type(exc).__name__}: {exc}")
     rt.metrics.concurrent.inc()
     start = trio.current_time()
     try:
@@ -350,6 +343,25 @@ async def _claim_and_run(
         rt.metrics.dispatch_duration.labels(rt.metrics.kind_label(command.tool_kind)).observe(
             trio.current_time() - start
         )
+
+
+async def _claim_and_run_invalid(
+    rt: Runtime, note: Notification, server_url: str, reason: str
+) -> tuple[str, float]:
+    """A claim answer that is no command: report command.failed, and terminate the message —
+    the same answer would come back on every redelivery."""
+    reason = reason[:500]
+    log.error("claim answer refused: %s", reason)
+    events = EventFactory(
+        rt.ids.next_id, note.execution_id, note.step, note.command_id, rt.settings.worker_id
+    )
+    try:
+        await rt.plane.emit(
+            server_url, [events.failed(f"claim_failed: {reason}")], policy=RetryPolicy(attempts=2)
+        )
+    except ControlPlaneError as exc:
+        log.warning("could not report the refused claim answer: %s", exc)
+    return Settle.TERM, 0.0
 
 
 async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str, float]:
