@@ -161,7 +161,7 @@ def test_json_nested_100000_deep_is_refused_before_parsing() -> None:
     data = b'{"execution_id": 1, "event_id": 2, "command_id": "c", "step": "s", "t": ' + (
         b"[" * 100_000 + b"]" * 100_000 + b"}"
     )
-    with pytest.raises(NotificationError, match="deeper than|bytes"):
+    with pytest.raises(NotificationError, match=r"deeper than|bytes"):
         parse_notification(data)
     shallow_but_deep = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(NotificationError):
