@@ -282,10 +282,12 @@ class PythonDialect:
         if reported is not None:
             payload = {**self._payload(events, "COMPLETED", reported), **self._loop_payload()}
             done.append(events.make("call.done", "COMPLETED", payload, actionable=True, meta=self._meta()))
+        # A case's own step.exit stands in for ours (the server keeps one per command).
+        exits = [] if _has_step_exit(extra) else [self._step_exit(events, "COMPLETED", None)]
         return [
             *done,
             *extra,
-            self._step_exit(events, "COMPLETED", None),
+            *exits,
             self._terminal(events, "command.completed", "COMPLETED", None, warnings),
         ]
 
@@ -302,7 +304,7 @@ class PythonDialect:
         return [
             events.make("call.error", "FAILED", payload, actionable=True, meta=self._meta()),
             *extra,
-            self._step_exit(events, "FAILED", error),
+            *([] if _has_step_exit(extra) else [self._step_exit(events, "FAILED", error)]),
             self._terminal(events, "command.failed", "FAILED", error, warnings),
         ]
 
@@ -335,7 +337,7 @@ class PythonDialect:
         return [
             events.make("call.error", "FAILED", payload, actionable=True, meta=self._meta()),
             *extra,
-            self._step_exit(events, "FAILED", message),
+            *([] if _has_step_exit(extra) else [self._step_exit(events, "FAILED", message)]),
             self._terminal(events, "command.failed", "FAILED", message, warnings),
         ]
 
@@ -361,6 +363,10 @@ class PythonDialect:
         if warnings:
             payload["warnings"] = list(warnings)
         return events.make(name, status, payload, actionable=False)
+
+
+def _has_step_exit(extra: tuple[Event, ...]) -> bool:
+    return any(e.event_type == "step.exit" for e in extra)
 
 
 def _says_error(value: Mapping[str, Any]) -> bool:
