@@ -29,6 +29,7 @@ LOG_FORMATS: Final = ("auto", "json", "text")
 DELIVER_POLICIES: Final = ("by_start_time", "new", "all", "last")
 DEFAULT_DELIVER_WINDOW: Final = 300.0
 DEFAULT_CLAIM_MAX_BYTES: Final = 64 * 1024 * 1024
+SERVER_DIALECTS: Final = ("auto", "python", "rust")  # dialect.py; kept here to avoid an import cycle
 
 
 @attrs.frozen
@@ -86,6 +87,7 @@ class Settings:
     deliver_policy: str = "by_start_time"  # of a consumer the worker creates
     deliver_window: float = DEFAULT_DELIVER_WINDOW
     claim_max_bytes: int = DEFAULT_CLAIM_MAX_BYTES
+    server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +103,7 @@ class Settings:
             "WORKER_METRICS_BIND": str(self.metrics_bind),
             "WORKER_NATS_LAG_POLL_INTERVAL": self.lag_poll_interval,
             "NOETL_SERVER_URL": self.server_url,
+            "NOETL_SERVER_DIALECT": self.server_dialect,
             "NATS_URL": self.nats.url,
             "NATS_USER": self.nats.user,
             "NATS_PASSWORD": "***" if self.nats.password else None,
@@ -245,6 +248,7 @@ def _load(env: Env) -> Settings:
         claim_max_bytes=env.integer(
             "NOETL_CLAIM_MAX_BYTES", DEFAULT_CLAIM_MAX_BYTES, minimum=1024, maximum=2**40
         ),
+        server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
     )
 
 
