@@ -4,7 +4,7 @@ every few seconds for ever — and a huge one is not read whole. Real nats-serve
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -129,3 +129,32 @@ def test_claim_answer_depth_is_bounded_before_parsing(depth: int) -> None:
     data = b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
     with pytest.raises(JSONLimitError):
         parse_claim_answer(data, max_bytes=10**7)
+
+
+async def test_an_answer_without_a_length_is_abandoned_at_the_budget() -> None:
+    """A chunked answer (no Content-Length) is read chunk by chunk and dropped past the budget:
+    the rest of an endless body is never pulled."""
+    import httpx
+
+    from noetl_worker.control_plane import ControlPlane, InvalidAnswer
+    from noetl_worker.metrics import Metrics
+
+    pulled = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        yield b'{"context": {"pad": "'
+        while True:
+            pulled += 1
+            yield b"x" * 65536
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless())
+
+    settings = Settings.from_env({"NOETL_SERVER_URL": "http://server", "NOETL_CLAIM_MAX_BYTES": "1048576"})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    with trio.fail_after(30):
+        async with client:
+            outcome = await ControlPlane(client, settings, Metrics()).claim(None, 1)
+    assert isinstance(outcome, InvalidAnswer) and "over 1048576 bytes" in outcome.reason
+    assert pulled <= 1048576 // 65536 + 1
