@@ -142,6 +142,8 @@ async def run(args: argparse.Namespace) -> None:
             NOETL_LOG_LEVEL=os.environ.get("BENCH_WORKER_LOG", "warning"),
         )
         command = [sys.executable, "-m", "noetl_worker"]
+        if args.profile:
+            command[1:1] = ["-m", "cProfile", "-o", str(args.profile)]
         worker = await nursery.start(partial_process(command, env))
         pid = worker.pid
         # Ready = a warm-up command went all the way through (imports done, pool connections up).
@@ -289,6 +291,7 @@ def main() -> None:
         default=ROOT / "src",
         help="the src/ directory of the worker build to measure (e.g. an exported older commit)",
     )
+    parser.add_argument("--profile", type=Path, help="run the worker under cProfile, stats to this file")
     parser.add_argument("--rounds", type=int, default=3, help="alternating worker / naive-loop bursts")
     parser.add_argument("--no-floor", action="store_true", help="skip the naive loop")
     parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
