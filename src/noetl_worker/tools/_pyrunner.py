@@ -220,7 +220,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     scratch = _scratch_dir(me)
     shutil.rmtree(scratch, ignore_errors=True)
     os.mkdir(scratch, 0o700)
-    os.environ["HOME"] = os.environ["TMPDIR"] = scratch
+    os.environ.update(HOME=scratch, TMPDIR=scratch)  # set for the step, not read
     sys.stdout = io.TextIOWrapper(
         io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
         line_buffering=True,
