@@ -310,7 +310,7 @@ async def _run(spare: _Spare, request: bytes, capture: CallCapture) -> None:
             # Stop at the outcome (or the exit report of a crash), never wait for EOF: a process
             # the step forked may hold the socket open.
             while (line := await reader.readline()) is not None:
-                if _record(capture, line) != "pid":
+                if _record(capture, line) in ("outcome", "exit"):
                     break
             finished = True
             # Kill what the step left behind; whatever the child printed before its outcome is
