@@ -65,6 +65,11 @@ def compact_json(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _all_mappings(rows: list[Any]) -> bool:
+    # The type set is gathered in C; the ABC check per row only for rows that are not dicts.
+    return set(map(type, rows)) == {dict} or all(isinstance(r, Mapping) for r in rows)
+
+
 def _tabular(result_json: Mapping[str, Any]) -> tuple[list[Any], list[str] | None] | None:
     """``(rows, column names)`` if the result is tabular per §3.6, else None."""
     for holder in (result_json, result_json.get("data")):
@@ -77,7 +82,7 @@ def _tabular(result_json: Mapping[str, Any]) -> tuple[list[Any], list[str] | Non
         names: list[str] | None = None
         if isinstance(columns, list) and columns:
             names = [str(c.get("name")) if isinstance(c, Mapping) else str(c) for c in columns]
-        if names is not None or all(isinstance(r, Mapping) for r in rows):
+        if names is not None or _all_mappings(rows):
             return rows, names
     return None
 
@@ -89,7 +94,7 @@ def _arrow_stream(rows: list[Any], names: list[str] | None) -> memoryview:
     """The rows as an Arrow IPC stream, returned as a view of Arrow's buffer (no Python copy)."""
     import pyarrow as pa
 
-    if all(isinstance(r, Mapping) for r in rows):
+    if _all_mappings(rows):
         try:
             batches = _row_batches(pa, rows)
         except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):
