@@ -4,7 +4,7 @@ every few seconds for ever — and a huge one is not read whole. Real nats-serve
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ async def test_a_50_mb_claim_answer_is_not_read_whole(
             await stub.state.wait_for(lambda: "command.failed" in stub.state.event_types(command), 30)
             after = _peak_rss_mib(process.pid)
     assert after - before < 25, f"peak RSS grew {before:.0f} → {after:.0f} MiB on a 50 MiB answer"
-    assert "over 1048576" in _failed_reason(stub, str(command.command_id))
+    assert "over the limit of 1048576 bytes" in _failed_reason(stub, str(command.command_id))
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -132,29 +132,38 @@ def test_claim_answer_depth_is_bounded_before_parsing(depth: int) -> None:
 
 
 async def test_an_answer_without_a_length_is_abandoned_at_the_budget() -> None:
-    """A chunked answer (no Content-Length) is read chunk by chunk and dropped past the budget:
-    the rest of an endless body is never pulled."""
-    import httpx
-
+    """A chunked answer (no Content-Length) is read as it comes and dropped past the budget: an
+    endless body is not pulled further (the server's writes stall once the socket buffers fill)."""
     from noetl_worker.control_plane import ControlPlane, InvalidAnswer
     from noetl_worker.metrics import Metrics
 
-    pulled = 0
+    sent = 0
+    chunk = b"x" * 65536
 
-    async def endless() -> AsyncIterator[bytes]:
-        nonlocal pulled
-        yield b'{"context": {"pad": "'
-        while True:
-            pulled += 1
-            yield b"x" * 65536
+    async def endless(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+        await stream.send_all(b"transfer-encoding: chunked\r\n\r\n")
+        await stream.send_all(b"%x\r\n%s\r\n" % (21, b'{"context": {"pad": "'))
+        try:
+            while True:
+                await stream.send_all(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=endless())
-
-    settings = Settings.from_env({"NOETL_SERVER_URL": "http://server", "NOETL_CLAIM_MAX_BYTES": "1048576"})
-    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
     with trio.fail_after(30):
-        async with client:
-            outcome = await ControlPlane(client, settings, Metrics()).claim(None, 1)
-    assert isinstance(outcome, InvalidAnswer) and "over 1048576 bytes" in outcome.reason
-    assert pulled <= 1048576 // 65536 + 1
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, endless, 0)
+            port = listeners[0].socket.getsockname()[1]
+            settings = Settings.from_env(
+                {"NOETL_SERVER_URL": f"http://127.0.0.1:{port}", "NOETL_CLAIM_MAX_BYTES": "1048576"}
+            )
+            async with ControlPlane.open(settings, Metrics()) as plane:
+                outcome = await plane.claim(None, 1)
+            nursery.cancel_scope.cancel()
+    assert isinstance(outcome, InvalidAnswer) and "over the limit of 1048576 bytes" in outcome.reason
+    assert sent < 16 * 1024 * 1024, f"{sent} bytes were pulled from an endless answer"
