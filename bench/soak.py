@@ -129,7 +129,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             WORKER_METRICS_BIND="127.0.0.1:0",
             NOETL_LOG_LEVEL="error",
         )
-        worker = await trio.lowlevel.open_process([sys.executable, "-m", "noetl_worker"], env=env, cwd=ROOT)
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"soak-worker-{os.getpid()}.log"
+        log_file = log_path.open("wb")
+        worker = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "noetl_worker"], env=env, cwd=ROOT, stdout=log_file, stderr=log_file
+        )
         nursery.start_soon(worker.wait)
         try:
             warm = [make_command(state, rng) for _ in range(20)]
@@ -174,6 +178,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if worker.returncode is None:
                 worker.terminate()
             nursery.cancel_scope.cancel()
+            log_file.close()
     warmup = max(20.0, 0.1 * args.minutes * 60)
     steady = [s for s in samples if s[0] >= warmup] or samples[-2:]
     first, last = steady[0], steady[-1]
@@ -195,6 +200,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "fds_per_minute": round(slope_per_minute([(t, float(f)) for t, _, f in steady]), 3),
         "samples": len(samples),
         "load_average": round(os.getloadavg()[0], 2),
+        "worker_log": str(log_path),
     }
 
 
