@@ -89,7 +89,23 @@ class Pipeline:
             attempts=command.attempts,
         )
         secrets.update(used)
-        return config, attrs.evolve(ctx, secrets=secrets)
+
+        async def prepare_task(task: Mapping[str, Any]) -> dict[str, Any]:
+            # A config a tool builds at run time (task sequence, workbook) gets the same
+            # credential and keychain treatment; its secrets join this command's scrub set.
+            resolved = await self._credentials(command, ctx, dict(task))
+            task_config, found = await resolve_keychain_refs(
+                resolved.config,
+                server=ctx.server,
+                catalog_id=None if catalog_id is None else str(catalog_id),
+                execution_id=command.execution_id,
+                attempts=command.attempts,
+            )
+            secrets.update(resolved.secrets)
+            secrets.update(found)
+            return dict(task_config)
+
+        return config, attrs.evolve(ctx, secrets=secrets, prepare_task=prepare_task)
 
     async def _credentials(self, command: Command, ctx: ToolContext, config: dict[str, Any]) -> Any:
         for attempt in range(1, CREDENTIAL_RETRIES + 1):
