@@ -76,7 +76,10 @@ class Pipeline:
         command = attrs.evolve(command, context=context)
         ctx = rebuild_context(command, ctx)
         config = command.tool_config()
-        secrets = dict(self.keychain)
+        # The command's own secrets mapping, filled in place: dispatch scrubs the result with the
+        # context it made, not the one returned here, so a new dict would go unseen.
+        secrets = ctx.secrets if isinstance(ctx.secrets, dict) else dict(ctx.secrets)
+        secrets.update(self.keychain)
         resolved = await self._credentials(command, ctx, config)
         config = resolved.config
         secrets.update(resolved.secrets)

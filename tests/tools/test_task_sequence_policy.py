@@ -261,3 +261,13 @@ async def test_each_task_is_prepared_after_rendering(ctx: ToolContext) -> None:
     failing = await run([{"name": "db", "kind": "test_echo", "auth": "broken"}], ctx)
     assert failing.status == "error"
     assert "broken" in failing.data["error"]["message"]
+
+
+async def test_a_result_saying_error_is_a_failed_task(ctx: ToolContext) -> None:
+    code = "def main():\n    return {'status': 'error', 'error': 'upstream said no'}"
+    retry_once = {"when": "{{ output.status == 'error' and _attempt < 2 }}", "then": {"do": "retry"}}
+    tasks = [{"name": "p", "kind": "python", "code": code, "spec": {"policy": {"rules": [retry_once]}}}]
+    result = await run(tasks, ctx)
+    assert result.status == "error"
+    assert result.data["error"]["message"] == "upstream said no"
+    assert result.data["metrics"]["task_count"] == 2

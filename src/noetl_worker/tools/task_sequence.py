@@ -17,7 +17,8 @@ command's own config went through), and the tool runs via ``tools.resolve(kind)`
 **Its outcome** ``output`` is ``{status: ok, data}`` or ``{status: error, error: {kind,
 retryable, code, status_code, message}}``, plus ``meta {attempt, duration_ms}`` and ``http
 {status, headers}`` / ``pg {code, sqlstate}`` / ``py {exception, traceback}`` by tool kind.
-An HTTP 429 or 5xx (and a task timeout) is ``retryable``.
+An HTTP 429 or 5xx (and a task timeout) is ``retryable``. A result that itself says ``status:
+error`` (a python ``main`` returning ``{"status": "error", ...}``) is an error, as in noetl.
 
 **Policy** (``spec.policy.rules`` of the task): the first rule whose ``when`` renders true (or
 an ``else:`` rule, or a rule without ``when``) decides ``then: {do, attempts (3), backoff
@@ -201,6 +202,10 @@ async def _attempt(task: _Task, scope: dict[str, Any], ctx: ToolContext, state: 
         tool_ms = int((time.monotonic() - began) * 1000)
         if deadline.cancelled_caught:
             done = ToolResult("timeout", error=f"task {task.name!r} timed out after {timeout:g}s")
+        if done.status == "success" and _says_error(done.data):
+            # noetl's worker counts a result that says ``status: error`` as the task failing.
+            message = done.data.get("error") or done.data.get("message") or "Tool returned error status"
+            done = attrs.evolve(done, status="error", error=str(message))
         result = done
         error = None if done.status == "success" else _tool_error(done)
     except Exception as exc:
@@ -226,6 +231,10 @@ async def _attempt(task: _Task, scope: dict[str, Any], ctx: ToolContext, state: 
         }
     )
     return result
+
+
+def _says_error(data: Any) -> bool:
+    return isinstance(data, Mapping) and data.get("status") == "error"
 
 
 def _tool_error(result: ToolResult) -> dict[str, Any]:
