@@ -428,3 +428,14 @@ async def test_large_results_survive_concurrent_calls(ctx: ToolContext) -> None:
             nursery.start_soon(one)
     assert [r.status for r in results] == ["success"] * 4
     assert all(len(r.data) == 20_000 for r in results)
+
+
+async def test_main_parameters_missing_from_args_come_from_the_render_context(ctx: ToolContext) -> None:
+    code = "def main(workload, user, extra='default'):\n    return [workload['message'], user['id'], extra]"
+    result = await run({"code": code}, ctx)
+    assert result.status == "success", result.error
+    assert result.data == ["hi", 7, "default"]
+    given = await run({"code": code, "args": {"user": {"id": 1}}}, ctx)  # args win
+    assert given.data == ["hi", 1, "default"]
+    missing = await run({"code": "def main(nowhere):\n    return nowhere"}, ctx)
+    assert missing.status == "error" and "nowhere" in (missing.error or "")

@@ -306,6 +306,14 @@ def _accepted_kwargs(main: Any, args: dict[str, Any], context: Any = None) -> di
         chosen = {k: v for k, v in args.items() if k in names}
     if "context" in names and "context" not in chosen:
         chosen["context"] = context if context is not None else {}  # noetl passes the render context
+    if isinstance(context, dict):
+        # noetl's worker fills the rest from the render context: its input, data, then top level.
+        sources = [s for s in (context.get("input"), context.get("data"), context) if isinstance(s, dict)]
+        for name in names - chosen.keys():
+            for source in sources:
+                if name in source:
+                    chosen[name] = source[name]
+                    break
     return chosen
 
 

@@ -6,7 +6,9 @@ Config (compatible with both upstream workers):
   ``http(s)://`` URL, or ``{uri, source: {type: file|http|inline, path, endpoint, method,
   headers, timeout, code}}``;
 - ``args`` and ``input`` (merged, ``args`` wins): every key becomes a global, ``args`` holds the
-  whole dict, and ``main(**kwargs)`` gets the keys it accepts (all of them with ``**kwargs``).
+  whole dict, and ``main(**kwargs)`` gets the keys it accepts (all of them with ``**kwargs``); a
+  parameter the args do not fill is looked up, as noetl's worker does, in the render context's
+  ``input``, then ``data``, then its top-level names (``context`` itself is the render context).
   Strings inside are rendered with ``ctx.render``;
   A string that spells a JSON (or Python literal) object or list is parsed, as noetl's worker
   does with values the server rendered to text;
@@ -72,7 +74,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         "libs": _libs(config),
         "path": await _sys_path(config),
     }
-    if "context" in code:  # only ship the (possibly large) render context when it can be used
+    if _uses_context(code, args):  # only ship the (possibly large) render context when it can be used
         request["context"] = dict(ctx.variables)
     payload = json.dumps(request, default=str).encode() + b"\n"
     python = config.get("python") or sys.executable
@@ -160,6 +162,24 @@ def _args(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]:
         merged.update(value)
     rendered = ctx.render(merged)
     return {str(k): _coerce(v) for k, v in dict(rendered).items()}
+
+
+_MAIN = re.compile(r"^(?:async\s+)?def\s+main\s*\(([^)]*)\)", re.MULTILINE)
+
+
+def _uses_context(code: str, args: Mapping[str, Any]) -> bool:
+    """Whether the code may read the render context: it names ``context``, or ``main`` has a
+    parameter the args do not fill (noetl's worker fills it from the render context)."""
+    if "context" in code:
+        return True
+    match = _MAIN.search(code)
+    if match is None:
+        return False
+    for part in match.group(1).split(","):
+        name = part.split(":")[0].split("=")[0].strip()
+        if name and not name.startswith("*") and name != "/" and name not in args:
+            return True
+    return False
 
 
 def _coerce(value: Any) -> Any:
