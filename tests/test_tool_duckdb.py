@@ -110,3 +110,21 @@ async def test_concurrent_calls_on_one_file_each_use_their_own_connection(
             nursery.start_soon(partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n]))
     result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n")
     assert result.data["command_1_sample"] == [[0], [1], [2], [3]]
+
+
+async def test_steps_of_one_execution_share_the_data_dir_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOETL_DATA_DIR", str(tmp_path))
+    with trio.fail_after(20):
+        await duckdb_tool.run(
+            {"query": "CREATE TABLE shared (n INT); INSERT INTO shared VALUES (5)"}, make_ctx()
+        )
+        later = await duckdb_tool.run({"query": "SELECT n FROM shared"}, make_ctx())
+    assert later.data["command_1_sample"] == [[5]]
+    expected = tmp_path / "noetldb" / "duckdb_101.duckdb"  # make_ctx's execution id
+    assert later.data["database_path"] == str(expected) and expected.exists()
+    monkeypatch.delenv("NOETL_DATA_DIR")
+    with trio.fail_after(20):
+        alone = await duckdb_tool.run({"query": "SELECT count(*) FROM shared"}, make_ctx())
+    assert alone.status == "error"  # without the data dir each step has its own memory database

@@ -1,7 +1,9 @@
 """``duckdb``: run SQL in DuckDB, in a worker thread, with one connection per call.
 
 Config: the SQL fields of ``_sqltool`` (``query`` | ``command`` | …), ``params`` (list for
-``?`` / ``$1``, object for ``$name``), ``db_path`` | ``database`` (in-memory when absent),
+``?`` / ``$1``, object for ``$name``), ``db_path`` | ``database`` (when absent: the file
+``$NOETL_DATA_DIR/noetldb/duckdb_<execution_id>.duckdb`` shared by the steps of one execution,
+as noetl's worker does, if ``NOETL_DATA_DIR`` is set; else in memory),
 ``read_only``; ``db_type`` (noetl's worker loads a DuckDB extension for it, downloading it if
 needed) is accepted and ignored: the worker must work offline.
 
@@ -18,15 +20,17 @@ Extensions are never installed from the network: the worker must work offline.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import duckdb
 import trio
 
-from ..errors import ToolConfigError
+from ..errors import ToolConfigError, ToolError
 from . import _fields, _sql, _sqltool
 from ._blocking import run_interruptible
 from ._jsonsafe import json_safe
@@ -36,6 +40,7 @@ KIND = "duckdb"
 
 
 SAMPLE_ROWS = 5
+DATA_DIR_ENV = "NOETL_DATA_DIR"
 
 
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
@@ -43,7 +48,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     if db_type is not None and not isinstance(db_type, str):
         raise ToolConfigError(KIND, "db_type", f"expected a name such as sqlite or postgres, got {db_type!r}")
     found = _fields.first(config, "db_path", "database")
-    path = ctx.render(found[1]) if found else ":memory:"
+    path = ctx.render(found[1]) if found else await _default_path(ctx)
     if not isinstance(path, str) or not path:
         field = found[0] if found else "db_path"
         raise ToolConfigError(KIND, field, f"expected a file path or ':memory:', got {path!r}")
@@ -70,6 +75,20 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(conn.close)
     return ToolResult("success", data=_summary(results, path, ctx))
+
+
+async def _default_path(ctx: ToolContext) -> str:
+    """noetl's default, one file per execution under ``NOETL_DATA_DIR`` (so the steps of an
+    execution share their tables), when that directory is configured; else in memory."""
+    data_dir = os.environ.get("NOETL_DATA_DIR", "").strip()
+    if not data_dir:
+        return ":memory:"
+    folder = os.path.join(data_dir, "noetldb")
+    try:
+        await trio.to_thread.run_sync(partial(os.makedirs, folder, exist_ok=True))
+    except OSError as exc:
+        raise ToolError(f"duckdb: cannot create {folder} ({DATA_DIR_ENV}): {exc}") from exc
+    return os.path.join(folder, f"duckdb_{ctx.execution_id}.duckdb")
 
 
 def _summary(results: list[list[Any]], path: str, ctx: ToolContext) -> dict[str, Any]:
