@@ -216,6 +216,7 @@ async def _attempt(task: _Task, scope: dict[str, Any], ctx: ToolContext, state: 
         state.output = _outcome("ok", kind_name, duration_ms, state.attempt, data=result.data)
         state.prev = result.data
         state.results[task.name] = result.data
+        state.failed_status = "error"  # a rule may still fail this ok outcome: that is no timeout
     else:
         state.output = _outcome("error", kind_name, duration_ms, state.attempt, error=error, result=result)
         state.failed_status = "timeout" if result is not None and result.status == "timeout" else "error"
