@@ -38,6 +38,15 @@ CREDENTIAL_RETRIES = 3  # in-process tries for a transient credential failure be
 SWEEP_INTERVAL = 15.0
 
 
+def _case_view(result: ToolResult) -> Any:
+    """What ``cases`` see as ``result``: the tool's data, plus the Rust worker's ``exit_code``
+    (its shell data had it; ours follows noetl's ``returncode``) so its cases keep matching."""
+    data = result.data
+    if isinstance(data, dict) and result.exit_code is not None and "exit_code" not in data:
+        return {**data, "exit_code": result.exit_code}
+    return data
+
+
 @attrs.define(eq=False)
 class Pipeline:
     settings: Settings
@@ -164,7 +173,7 @@ class Pipeline:
         for warning in warnings:
             log.warning(warning)
         try:
-            action = case_rules.evaluate(parsed, result.data, ctx.variables, ctx.render)
+            action = case_rules.evaluate(parsed, _case_view(result), ctx.variables, ctx.render)
         except case_rules.CaseError as exc:
             return CaseEffect(warnings=warnings, fail_message=f"case evaluation failed: {exc}")
         extra: list[Event] = []

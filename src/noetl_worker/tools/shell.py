@@ -8,8 +8,8 @@ is killed when it expires).
 Result ``data`` (as noetl's Python worker stores it): ``{returncode, stdout, stderr, commands,
 duration_ms}`` — ``returncode`` of the last command run, ``stdout``/``stderr`` the non-empty
 outputs joined by newlines, ``commands`` one ``{cmd_preview, returncode, stdout, stderr,
-duration_ms}`` per command run — plus ``exit_code`` (= ``returncode``), the Rust worker's name for
-it. The first non-zero exit stops the list and gives status ``error`` with the same data.
+duration_ms}`` per command run. The first non-zero exit stops the list and gives status
+``error`` with the same data. (``exit_code``, the Rust worker's field, is on the ToolResult.)
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ def _result(outputs: list[dict[str, Any]], seconds: float) -> ToolResult:
         "stderr": stderr,
         "commands": outputs,
         "duration_ms": duration_ms,
-        "exit_code": code,  # the Rust worker's name, which its playbooks and cases read
     }
     return ToolResult(
         "success" if code == 0 else "error",
