@@ -69,10 +69,21 @@ def test_python_success_sends_the_tools_value_as_response(events: EventFactory) 
     ]
     done = batch[2].to_json()["context"]
     assert done["response"] == {"greeting": "hello"}
-    assert done["result"] == {"status": "COMPLETED"}
+    # the server records result as the event's result: it carries the value, as noetl's log shows
+    assert done["result"] == {"status": "COMPLETED", "context": {"greeting": "hello"}}
     assert batch[3].to_json()["context"]["status"] == "COMPLETED"
     for event in batch:
         python_server_accepts(event.to_json())
+
+
+def test_python_value_that_is_not_an_object_goes_as_response_only(events: EventFactory) -> None:
+    dialect = PythonDialect()
+    result = ToolResult("success", data="still here")
+    batch = dialect.success_events(events, inline("still here"), result, (), ())
+    done = batch[0].to_json()["context"]
+    assert done["response"] == "still here"
+    assert "result" not in done  # the server takes only an object as result.context
+    python_server_accepts(batch[0].to_json())
 
 
 @pytest.mark.parametrize(

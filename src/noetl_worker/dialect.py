@@ -254,13 +254,20 @@ class PythonDialect:
 
     def _payload(self, events: EventFactory, status: str, reported: Reported | None) -> dict[str, Any]:
         payload: dict[str, Any] = {"command_id": events.command_id}
+        if reported is not None and reported.inline:
+            # The server records ``result`` as the event's result: with the value as its
+            # ``context`` the event log (and the state the server reloads from it) holds the step's
+            # value, as with noetl's worker; ``{status}`` alone left the log without it. The server
+            # takes only an object as ``context``; for any other value it logs ``response`` itself
+            # when no ``result`` is given, as noetl's worker sends it.
+            payload["response"] = reported.value
+            if isinstance(reported.value, Mapping):
+                payload["result"] = {"status": status, "context": reported.value}
+            return payload
         envelope: dict[str, Any] = {"status": status}
-        if reported is not None:
-            if reported.inline:
-                payload["response"] = reported.value
-            elif reported.reference is not None:
-                # The server resolves result.reference.ref into the step result.
-                envelope["reference"] = reported.reference
+        if reported is not None and reported.reference is not None:
+            # The server resolves result.reference.ref into the step result.
+            envelope["reference"] = reported.reference
         payload["result"] = envelope
         return payload
 
