@@ -254,20 +254,18 @@ class PythonDialect:
 
     def _payload(self, events: EventFactory, status: str, reported: Reported | None) -> dict[str, Any]:
         payload: dict[str, Any] = {"command_id": events.command_id}
-        if reported is not None and reported.inline:
-            # The server records ``result`` as the event's result: with the value as its
-            # ``context`` the event log (and the state the server reloads from it) holds the step's
-            # value, as with noetl's worker; ``{status}`` alone left the log without it. The server
-            # takes only an object as ``context``; for any other value it logs ``response`` itself
-            # when no ``result`` is given, as noetl's worker sends it.
-            payload["response"] = reported.value
-            if isinstance(reported.value, Mapping):
-                payload["result"] = {"status": status, "context": reported.value}
-            return payload
         envelope: dict[str, Any] = {"status": status}
-        if reported is not None and reported.reference is not None:
-            # The server resolves result.reference.ref into the step result.
-            envelope["reference"] = reported.reference
+        if reported is not None:
+            if reported.inline:
+                payload["response"] = reported.value
+                # The server logs ``result`` as the event's result; noetl's worker puts the
+                # value's control fields there (``{status}`` alone left the log without them).
+                context = control_context(reported.value)
+                if context:
+                    envelope["context"] = context
+            elif reported.reference is not None:
+                # The server resolves result.reference.ref into the step result.
+                envelope["reference"] = reported.reference
         payload["result"] = envelope
         return payload
 
@@ -404,6 +402,49 @@ def _error_text(result: ToolResult) -> str:
 
 
 # ---- telling the servers apart ----------------------------------------------------------
+
+
+# Data-plane fields noetl's worker keeps out of an event's ``result.context``.
+_NOT_CONTROL = frozenset(
+    {
+        "_ref", "_preview", "_size_bytes", "_store", "_store_failed", "_store_error", "_inline",
+        "_internal_data", "data", "response", "result", "payload", "rows", "columns",
+    }
+)  # fmt: skip
+
+
+def _control_key(key: str) -> bool:
+    return key not in _NOT_CONTROL and (not key.startswith("command_") or key == "command_id")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def control_context(value: Any) -> dict[str, Any] | None:
+    """The bounded projection of a value noetl's worker sends as ``result.context``: its
+    scalar fields, and of each object field its scalar fields (references whole), without the
+    data-plane fields (``data``, ``rows``, ``columns``, ``command_<n>_*``, …). ``None`` when
+    nothing is left or the value is not an object. (A ``context`` object inside the value is
+    projected instead of the value.)"""
+    if not isinstance(value, Mapping):
+        return None
+    inner = value.get("context")
+    candidate: Mapping[str, Any] = inner if isinstance(inner, Mapping) else value
+    out: dict[str, Any] = {}
+    for raw_key, child in candidate.items():
+        key = str(raw_key)
+        if not _control_key(key):
+            continue
+        if _scalar(child):
+            out[key] = child
+        elif isinstance(child, Mapping) and child.get("kind") in ("temp_ref", "result_ref"):
+            out[key] = dict(child)
+        elif isinstance(child, Mapping):
+            nested = {str(k): v for k, v in child.items() if _scalar(v) and _control_key(str(k))}
+            if nested:
+                out[key] = nested
+    return out or None
 
 
 def classify_health(status: int, body: bytes) -> DialectName | None:

@@ -66,8 +66,7 @@ def call_done(state: StubState, command: StubCommand) -> dict[str, Any]:
     """``call.done``'s ``result`` object, after checking the success lifecycle."""
     expected = PYTHON_DONE if state.flavor == "python" else RUST_DONE
     assert worker_events(state, command) == expected
-    # The Python dialect sends no ``result`` beside a ``response`` that is not an object.
-    result: dict[str, Any] = payload(state, command, "call.done").get("result") or {}
+    result: dict[str, Any] = payload(state, command, "call.done")["result"]
     return result
 
 
