@@ -150,7 +150,7 @@ class Command:
         return 0, 0
 
     def tool_config(self) -> dict[str, Any]:
-        """upstream-rust-worker.md §4.1, plus the Python server's ``input`` block."""
+        """The tool config as the Rust worker assembles it, plus the Python server's ``input`` block."""
         raw = self.context.get("tool_config")
         if isinstance(raw, Mapping):
             config = dict(raw)
@@ -530,7 +530,7 @@ class _StartedSender:
 
 @asynccontextmanager
 async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
-    """Give the execution slot back while a tool only waits on the server (DESIGN.md §4.10)."""
+    """Give the execution slot back while a tool only waits on the server."""
     async with rt.waiting:
         rt.slots.release_on_behalf_of(token)
         try:
