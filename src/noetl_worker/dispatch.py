@@ -57,6 +57,7 @@ WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
 TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
 NAK_DELAY_SHUTDOWN = 0.0
+HEARTBEAT_RETRY = RetryPolicy(attempts=2)
 
 
 class Hooks(Protocol):
@@ -149,7 +150,7 @@ class Command:
         return 0, 0
 
     def tool_config(self) -> dict[str, Any]:
-        """upstream-rust-worker.md §4.1, plus the Python server's ``input`` block."""
+        """The tool config as the Rust worker assembles it, plus the Python server's ``input`` block."""
         raw = self.context.get("tool_config")
         if isinstance(raw, Mapping):
             config = dict(raw)
@@ -358,6 +359,10 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     kind = command.tool_kind
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.send_after, COALESCE_WINDOW)
+        if dialect.heartbeat_interval is not None:
+            nursery.start_soon(
+                _heartbeats, rt, command.server_url, dialect, events, dialect.heartbeat_interval
+            )
         outcome = await _execute(rt, command, ctx)
         await sender.stop()
         nursery.cancel_scope.cancel()
@@ -479,6 +484,19 @@ async def _report(
     return Settle.NAK, 30.0
 
 
+async def _heartbeats(
+    rt: Runtime, server_url: str, dialect: Dialect, events: EventFactory, interval: float
+) -> None:
+    """``command.heartbeat`` every ``interval`` s while the tool runs; a lost one is only logged
+    (the server stores them, nothing depends on them)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            await rt.plane.emit(server_url, [dialect.heartbeat(events)], policy=HEARTBEAT_RETRY)
+        except ControlPlaneError as exc:
+            log.debug("command heartbeat not delivered: %s", exc)
+
+
 @attrs.define(eq=False)
 class _StartedSender:
     """Sends the start events on their own if the tool is still running after the window."""
@@ -512,7 +530,7 @@ class _StartedSender:
 
 @asynccontextmanager
 async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
-    """Give the execution slot back while a tool only waits on the server (DESIGN.md §4.10)."""
+    """Give the execution slot back while a tool only waits on the server."""
     async with rt.waiting:
         rt.slots.release_on_behalf_of(token)
         try:
