@@ -639,18 +639,32 @@ class Stack:
         body: dict[str, Any] = r.json()
         return body
 
+    def terminal_event(self, execution_id: str) -> str | None:
+        """``playbook.completed`` / ``playbook.failed`` if the server wrote it (two small queries
+        filtered by type: the full event list of a busy execution is large, and the server
+        answers every request on one core)."""
+        for event_type in TERMINAL_EVENTS:
+            r = self.http.get(
+                f"/api/executions/{execution_id}/events", params={"event_type": event_type, "page_size": 10}
+            )
+            r.raise_for_status()
+            if any(e.get("event_type") == event_type for e in r.json().get("events") or []):
+                return event_type
+        return None
+
     def wait_terminal(self, execution_id: str, timeout: float) -> tuple[str | None, list[dict[str, Any]]]:
         """Wait for ``playbook.completed`` / ``playbook.failed`` (not /status, which can answer
-        early). Returns (terminal event type or None on timeout, events)."""
+        early). Returns (terminal event type or None on timeout, all events)."""
         deadline = time.monotonic() + timeout
+        interval = 0.2
+        terminal = None
         while True:
-            events = self.events(execution_id)
-            for e in events:
-                if e.get("event_type") in TERMINAL_EVENTS:
-                    return str(e["event_type"]), events
-            if time.monotonic() >= deadline:
-                return None, events
-            time.sleep(0.25)
+            terminal = self.terminal_event(execution_id)
+            if terminal is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+            interval = min(interval * 1.5, 1.5)
+        return terminal, self.events(execution_id)
 
     def run(
         self,

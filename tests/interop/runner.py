@@ -12,7 +12,7 @@ from .harness import Run, Stack
 from .target import Target
 
 # per stack; the real server runs the engine for event batches one at a time, so more only queue
-CONCURRENCY = 6
+CONCURRENCY = 4
 
 
 @attrs.define
