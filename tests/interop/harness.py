@@ -652,15 +652,34 @@ class Stack:
                 return event_type
         return None
 
-    def wait_terminal(self, execution_id: str, timeout: float) -> tuple[str | None, list[dict[str, Any]]]:
+    def event_count(self, execution_id: str) -> int:
+        r = self.http.get(f"/api/executions/{execution_id}/events", params={"page_size": 10})
+        r.raise_for_status()
+        return int((r.json().get("pagination") or {}).get("total_events") or 0)
+
+    def wait_terminal(
+        self, execution_id: str, timeout: float, stall: float = 90.0
+    ) -> tuple[str | None, list[dict[str, Any]]]:
         """Wait for ``playbook.completed`` / ``playbook.failed`` (not /status, which can answer
-        early). Returns (terminal event type or None on timeout, all events)."""
+        early). Returns (terminal event type, or None after ``timeout`` s or after ``stall`` s
+        without any new event of the execution; all events).
+
+        ``stall`` is a liveness bound: a stuck execution (a failed last step reported in a way the
+        server does not close) ends the wait without costing the whole ``timeout``.
+        """
         deadline = time.monotonic() + timeout
         interval = 0.2
         terminal = None
+        count, changed = -1, time.monotonic()
         while True:
             terminal = self.terminal_event(execution_id)
-            if terminal is not None or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if terminal is not None or now >= deadline:
+                break
+            seen = self.event_count(execution_id)
+            if seen != count:
+                count, changed = seen, now
+            elif now - changed >= stall:
                 break
             time.sleep(interval)
             interval = min(interval * 1.5, 1.5)
