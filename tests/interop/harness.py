@@ -294,8 +294,20 @@ class Run:
         """Every byte the server returns about this execution (for secret scans)."""
         return json.dumps([list(self.events), self.status], default=str)
 
+    def errors(self) -> dict[str, str]:
+        """Per step, the error text of its (last) ``call.error``."""
+        return {
+            event_step(e): str(e.get("error") or "")[:300]
+            for e in self.events
+            if e.get("event_type") == "call.error"
+        }
+
     def summary(self) -> str:
-        return f"{self.worker} {self.path} {self.execution_id}: {self.terminal} steps={self.step_types()}"
+        errors = self.errors()
+        tail = f" errors={errors}" if errors else ""
+        return (
+            f"{self.worker} {self.path} {self.execution_id}: {self.terminal} steps={self.step_types()}{tail}"
+        )
 
 
 def event_step(event: Mapping[str, Any]) -> str:
@@ -613,6 +625,13 @@ class Stack:
         r = self.http.post("/api/credentials", json=body)
         if r.status_code >= 300:
             raise InteropError(f"credential {name}: HTTP {r.status_code} {r.text[:500]}")
+
+    def resolve(self, ref: str) -> Any:
+        """The data behind a result reference (``GET /api/result/resolve``)."""
+        r = self.http.get("/api/result/resolve", params={"ref": ref})
+        if r.status_code >= 300:
+            raise InteropError(f"resolve {ref}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
 
     def events(self, execution_id: str) -> list[dict[str, Any]]:
         """Every stored event of an execution, oldest first (all pages)."""
