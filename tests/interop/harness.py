@@ -438,7 +438,13 @@ class Stack:
                 timeout=60,
             )
             ddl = Path(found.stdout.strip())
-        created = self.pg.psql("postgres", "-c", f'CREATE DATABASE "{self.db_name}"')
+        # the machine's PostgreSQL is shared: "too many clients" is transient, wait it out
+        deadline = time.monotonic() + 90
+        while True:
+            created = self.pg.psql("postgres", "-c", f'CREATE DATABASE "{self.db_name}"')
+            if "too many clients" not in created.stderr or time.monotonic() >= deadline:
+                break
+            time.sleep(2)
         if created.returncode != 0:
             raise InteropError(f"cannot create database {self.db_name}: {created.stderr.strip()}")
         self._db_created = True
