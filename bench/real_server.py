@@ -2,7 +2,10 @@
 
 Run from the repository root (the interop venv is built by ``scripts/interop-setup``):
 
-    .venv/bin/python bench/real_server.py [--iterations 200] [--executions 50] [--json out.json]
+    .venv/bin/python bench/real_server.py [--iterations 200] [--executions 50] [--json] [--out FILE]
+
+(``--json``: the numbers as one JSON line at the end, as ``bench/run.py`` reads them; ``--smoke``:
+10 iterations and 3 executions, to check the script still runs.)
 
 Two stacks start at once (``tests/interop/harness.py``: nats-server, a database of its own, the
 real server), one with noetl's own worker (``python -m noetl.worker``, 8 commands in flight) and
@@ -219,8 +222,12 @@ def main() -> int:
     )
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--executions", type=int, default=50)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the numbers as one JSON line at the end")
+    parser.add_argument("--out", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--smoke", action="store_true", help="10 iterations, 3 executions")
     args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.executions = 10, 3
     results: dict[str, Any] = {"iterations": args.iterations, "executions": args.executions, "workers": {}}
     with open_stacks(["noetl", "ours"]) as stacks:
         for name, stack in stacks.items():
@@ -248,9 +255,12 @@ def main() -> int:
             results["workers"][name]["idle_rss_mib_after"] = round(group_rss_mib(worker.pid), 1)
     results["load_average"] = os.getloadavg()
     text = json.dumps(results, indent=2)
-    print(text)
+    if args.out:
+        args.out.write_text(text)
     if args.json:
-        args.json.write_text(text)
+        print(json.dumps(results, sort_keys=True))
+    else:
+        print(text)
     return 0
 
 
