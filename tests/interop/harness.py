@@ -125,7 +125,14 @@ class PgTarget:
             env["PGPASSWORD"] = self.password
         cmd = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p", str(self.port)]
         cmd += ["-U", self.user, "-d", db, *args]
-        return subprocess.run(cmd, input=input_text, capture_output=True, text=True, env=env, timeout=120)
+        # the machine's PostgreSQL is shared by every test run on it: "too many clients" is
+        # transient, so wait it out (a connection is refused before anything ran)
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(cmd, input=input_text, capture_output=True, text=True, env=env, timeout=120)
+            if "too many clients" not in done.stderr or time.monotonic() >= deadline:
+                return done
+            time.sleep(2)
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -438,13 +445,7 @@ class Stack:
                 timeout=60,
             )
             ddl = Path(found.stdout.strip())
-        # the machine's PostgreSQL is shared: "too many clients" is transient, wait it out
-        deadline = time.monotonic() + 90
-        while True:
-            created = self.pg.psql("postgres", "-c", f'CREATE DATABASE "{self.db_name}"')
-            if "too many clients" not in created.stderr or time.monotonic() >= deadline:
-                break
-            time.sleep(2)
+        created = self.pg.psql("postgres", "-c", f'CREATE DATABASE "{self.db_name}"')
         if created.returncode != 0:
             raise InteropError(f"cannot create database {self.db_name}: {created.stderr.strip()}")
         self._db_created = True
