@@ -78,6 +78,10 @@ class Hooks(Protocol):
 
     def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str: ...
 
+    def scrub_payload(self, payload: Any, ctx: ToolContext | None = None) -> Any:
+        """An event payload with the command's secrets (and secret-shaped values) replaced."""
+        ...
+
 
 @attrs.frozen
 class CaseEffect:
@@ -344,6 +348,8 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         server_url=command.server_url,
         variables=variables,
         render=partial(templating.render, variables=variables),
+        # One map for the whole command: the pipeline adds each secret it resolves, so the
+        # result, error and event paths below (which hold this ctx) all scrub them.
         secrets={},
         server=rt.plane.server_api(command.server_url),
         resources=rt.resources,
@@ -364,7 +370,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error)
         batch = [*sender.pending(), events.call_error(error), events.failed(error)]
-        return await _report(rt, command, batch)
+        return await _report(rt, command, _scrubbed(rt, ctx, batch))
 
     result = outcome
     if result.pending_callback:
@@ -379,11 +385,19 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         # Single posts, not a batch: the Python server's batch route acts on one event only.
         message = rt.hooks.scrub_text(effect.fail_message, ctx)
         batch = [*sender.pending(), *done, *effect.events, events.failed(message, effect.warnings)]
-        return await _report(rt, command, batch, batch_ok=False)
+        return await _report(rt, command, _scrubbed(rt, ctx, batch), batch_ok=False)
     rt.metrics.commands.labels(kind, result.status).inc()
     log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
     batch = [*sender.pending(), *done, *effect.events, events.completed(result.status, effect.warnings)]
-    return await _report(rt, command, batch)
+    return await _report(rt, command, _scrubbed(rt, ctx, batch))
+
+
+def _scrubbed(rt: Runtime, ctx: ToolContext, batch: list[Event]) -> list[Event]:
+    """Every terminal event scrubbed of the command's secrets, whichever path produced it."""
+    scrub = getattr(rt.hooks, "scrub_payload", None)
+    if scrub is None:
+        return batch
+    return [attrs.evolve(e, context=scrub(e.context, ctx)) for e in batch]
 
 
 @attrs.frozen

@@ -1,22 +1,27 @@
 """``shell``: run a command (``command`` string) or a list of commands (``cmds``) with a shell.
 
 Config: ``command`` | ``cmds`` (aliases ``cmd``; a string or a list), ``shell`` (default ``sh``),
-``cwd``, ``env`` (added to the worker's environment), ``timeout``/``timeout_seconds`` (applied by
-dispatch as the command deadline; the process group is killed when it expires).
+``cwd``, ``env`` (the step's variables), ``timeout``/``timeout_seconds`` (applied by dispatch as the
+command deadline).
 Result data ``{exit_code, stdout, stderr}`` (plus ``commands`` with one entry per command for a
 list); status ``error`` on the first non-zero exit (later commands do not run).
+
+Process handling is ``procs``' (see there): each command runs in a clean environment (``PATH``,
+``LANG``/``LC_*``, a scratch ``HOME``/``TMPDIR`` removed after the step, the keychain-allowlisted
+values by name, the step's ``env``), as the head of a contained tree that is killed as soon as
+the command exits, times out or is cancelled; each stream keeps ``MAX_OUTPUT`` bytes and reports
+how many more it dropped.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import trio
 
+from .. import procs
 from ..errors import ToolConfigError
 from .base import ToolContext, ToolResult
 
@@ -40,44 +45,16 @@ def _commands(config: Mapping[str, Any]) -> list[str]:
     )
 
 
-def _env(config: Mapping[str, Any]) -> dict[str, str]:
-    env = dict(os.environ)
+def _declared_env(config: Mapping[str, Any]) -> dict[str, str]:
     extra = config.get("env") or {}
     if not isinstance(extra, Mapping):
         raise ToolConfigError("shell", "env", "accepted: a mapping of variable names to values")
-    for key, value in extra.items():
-        env[str(key)] = "" if value is None else str(value)
-    return env
-
-
-def _decode(data: bytes) -> str:
-    text = data[:MAX_OUTPUT].decode(errors="replace")
-    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT else "")
+    return {str(key): "" if value is None else str(value) for key, value in extra.items()}
 
 
 async def _run_one(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, str, str]:
-    def kill_group(process: trio.Process) -> None:
-        # The shell may have started children: kill the whole process group, not just sh.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    async def deliver_cancel(process: trio.Process) -> None:
-        kill_group(process)
-
-    completed = await trio.run_process(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        start_new_session=True,
-        deliver_cancel=deliver_cancel,
-    )
-    return completed.returncode, _decode(completed.stdout), _decode(completed.stderr)
+    completed = await procs.run_contained(argv, env=env, cwd=cwd, max_output=MAX_OUTPUT)
+    return completed.returncode, completed.stdout.text(), completed.stderr.text()
 
 
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
@@ -88,16 +65,18 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     cwd = config.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not await trio.Path(cwd).is_dir()):
         raise ToolConfigError("shell", "cwd", f"accepted: an existing directory, got {cwd!r}")
-    env = _env(ctx.render(dict(config)) if config.get("env") else config)
+    declared = _declared_env(ctx.render(dict(config)) if config.get("env") else config)
+    keychain = procs.allowlisted(ctx.settings.keychain_env_vars, ctx.secrets)
     outputs: list[dict[str, Any]] = []
-    try:
+    async with procs.open_scratch(f"shell-{ctx.step}") as scratch:
+        env = procs.tool_environment(declared, scratch=scratch, keychain=keychain)
+        if shutil.which(shell, path=env["PATH"]) is None:
+            raise ToolConfigError("shell", "shell", f"interpreter {shell!r} not found")
         for command in commands:
             code, out, err = await _run_one([shell, "-c", str(command)], cwd, env)
             outputs.append({"command": command, "exit_code": code, "stdout": out, "stderr": err})
             if code != 0:
                 break
-    except FileNotFoundError:
-        raise ToolConfigError("shell", "shell", f"interpreter {shell!r} not found") from None
     stdout = "".join(o["stdout"] for o in outputs)
     stderr = "".join(o["stderr"] for o in outputs)
     code = outputs[-1]["exit_code"]
