@@ -283,13 +283,16 @@ def launcher(control: socket.socket) -> None:
     inits: set[int] = set()
     poller = select.poll()
     poller.register(control.fileno(), select.POLLIN | select.POLLHUP)
+    swept = time.monotonic()
     while True:
         events = poller.poll(REAP_INTERVAL_MS)
         for pid, _ in reap():
             inits.discard(pid)
-        if not events:
+        if time.monotonic() - swept >= REAP_INTERVAL_MS / 1000:
             # Anything else that came back to us escaped a step init killed from outside.
             _kill_strays(inits)
+            swept = time.monotonic()
+        if not events:
             continue
         fds = _receive(control)
         if fds is None:

@@ -174,3 +174,13 @@ def test_huge_output_is_read_incrementally_and_bounded() -> None:
     # never the size of the output.
     growth = probe["after"] - probe["before"]
     assert growth < 8 * cap, f"peak RSS grew by {growth / 2**20:.0f} MiB for {OUTPUT_MB} MiB of output"
+
+
+async def test_processes_of_a_step_init_killed_from_outside_are_killed_too() -> None:
+    marker = new_marker()
+    # $PPID of the command is its step init: killing it hands the tree to the launcher.
+    command = "sleep 1000 & setsid sleep 1000 >/dev/null 2>&1 & sleep 0.2; kill -9 $PPID; sleep 1000"
+    with trio.fail_after(30):
+        result = await shell.run(step(command, marker), make_ctx())
+        assert result.status == "error"
+        await poll_until(lambda: not marked_processes(marker))

@@ -28,32 +28,35 @@ async def test_worker_sigkilled_mid_step_leaves_no_survivor_and_the_side_effect_
     nats: NatsServer, stub: StubServer, publisher: Publisher, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger"
+    first_run = tmp_path / "first-run"
     marker = new_marker()
-    # The side effect runs in a grandchild of the shell: PDEATHSIG on the shell alone would not
-    # stop it.
+    # The side effect runs in a grandchild of the shell (PDEATHSIG on the shell alone would not
+    # stop it), 30 s late on the first run — long after the test is over if it survived — and
+    # at once on the rerun.
+    script = (
+        f"echo start >> {ledger}; "
+        f"if [ -e {first_run} ]; then delay=0; else delay=30; touch {first_run}; fi; "
+        f'sh -c "sleep $delay; echo effect >> {ledger}" & wait'
+    )
     command = stub.state.enqueue_command(
         step="effect",
         tool_kind="shell",
-        tool_config={
-            "command": f"echo start >> {ledger}; sh -c 'sleep 3; echo effect >> {ledger}' & wait",
-            "env": {"NOETL_TEST_MARKER": marker},
-        },
+        tool_config={"command": script, "env": {"NOETL_TEST_MARKER": marker}},
     )
     env = {"NOETL_WORKER_NATS_ACK_WAIT_SECONDS": "2"}
     with trio.fail_after(60):
         async with worker_process(stub, nats, tmp_path / "first.log", WORKER_ID="w-killed", **env) as first:
             await wait_registered(stub, "w-killed")
             await publisher.publish_command(command.notification(stub.url))
-            await poll_until(lambda: ledger.exists() and "start" in ledger.read_text())
+            await poll_until(lambda: len(marked_processes(marker)) >= 2)  # the grandchild sleeps
             first.kill()
             await first.wait()
-        # Nothing of the first run is left to repeat the side effect.
-        with trio.fail_after(10):
-            await poll_until(lambda: not marked_processes(marker))
         async with worker_process(stub, nats, tmp_path / "second.log", WORKER_ID="w-next", **env):
             await stub.state.wait_terminal([command], timeout=40)
     assert stub.state.command(command).status == "COMPLETED"
     assert ledger.read_text().split() == ["start", "start", "effect"]
+    # Nothing of the first run is left to repeat the side effect later.
+    assert marked_processes(marker) == []
 
 
 def _can_unshare() -> bool:
