@@ -1,7 +1,7 @@
 """Tool processes: a clean environment, a scratch home, a process tree that never outlives its
 step, bounded output, and the worker as the reaper of whatever escapes.
 
-- :func:`tool_environment` — the only environment a tool process gets: ``PATH``, ``LANG`` and
+- :func:`tool_environment` — the only environment a tool process gets: ``PATH``, ``TZ``, ``LANG`` and
   ``LC_*``, ``KUBERNETES_SERVICE_*`` (as noetl's own worker passes), a per-step ``HOME`` and
   ``TMPDIR``, the keychain-allowlisted values by their own names, then the step's declared
   ``env`` (which wins). Nothing else of the worker's environment — ``NATS_PASSWORD``,
@@ -40,7 +40,7 @@ import trio
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_INHERITED: Final = frozenset({"PATH", "LANG", "LANGUAGE"})
+_INHERITED: Final = frozenset({"PATH", "LANG", "LANGUAGE", "TZ"})
 _INHERITED_PREFIXES: Final = ("LC_", "KUBERNETES_SERVICE_")
 STEPINIT: Final = str(Path(__file__).with_name("_stepinit.py"))
 STOP_PATIENCE: Final = 5.0  # seconds a step init gets to kill its tree when told to stop

@@ -112,7 +112,9 @@ async def test_tool_processes_get_a_clean_environment(monkeypatch: pytest.Monkey
     assert not await trio.Path(env["HOME"]).parent.exists()
     # Only what the rules above allow, plus what sh itself sets.
     allowed = {"DECLARED", "OPERATOR_MOUNTED", "PATH", "HOME", "TMPDIR", "PWD", "SHLVL", "_", "OLDPWD"}
-    allowed |= {k for k in env if k.startswith(("LC_", "KUBERNETES_SERVICE_")) or k in ("LANG", "LANGUAGE")}
+    allowed |= {
+        k for k in env if k.startswith(("LC_", "KUBERNETES_SERVICE_")) or k in ("LANG", "LANGUAGE", "TZ")
+    }
     assert set(env) <= allowed, set(env) - allowed
 
 
