@@ -82,6 +82,10 @@ class Hooks(Protocol):
 
     def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str: ...
 
+    def scrub_payload(self, payload: Any, ctx: ToolContext | None = None) -> Any:
+        """An event payload with the command's secrets (and secret-shaped values) replaced."""
+        ...
+
 
 @attrs.frozen
 class CaseEffect:
@@ -349,6 +353,8 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         server_url=command.server_url,
         variables=variables,
         render=partial(templating.render, variables=variables),
+        # One map for the whole command: the pipeline adds each secret it resolves, so the
+        # result, error and event paths below (which hold this ctx) all scrub them.
         secrets={},
         server=rt.plane.server_api(command.server_url),
         resources=rt.resources,
@@ -373,7 +379,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error, extra={"tool_kind": kind, "status": "failed"})
         batch = [*sender.pending(), *dialect.exception_events(events, error, outcome.error_type)]
-        return await _report(rt, command, batch)
+        return await _report(rt, command, _scrubbed(rt, ctx, batch))
     return await _report_result(rt, command, ctx, dialect, events, sender, outcome)
 
 
@@ -409,7 +415,7 @@ async def _report_result(
         log.warning("command failed: %s", message, extra={"tool_kind": kind, "status": "failed"})
         batch = dialect.case_failed_events(events, reported, result, message, effect.events, effect.warnings)
         # Single posts, not a batch: the Python server's batch route acts on one event only.
-        return await _report(rt, command, [*pending, *batch], batch_ok=False)
+        return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]), batch_ok=False)
     rt.metrics.commands.labels(kind, result.status).inc()
     if result.status != "success" or failed:
         error = rt.hooks.scrub_text(dialect.error_text(result), ctx)
@@ -426,7 +432,15 @@ async def _report_result(
         batch = dialect.tool_error_events(events, reported, result, error, effect.events, effect.warnings)
     else:
         batch = dialect.success_events(events, reported, result, effect.events, effect.warnings)
-    return await _report(rt, command, [*pending, *batch])
+    return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]))
+
+
+def _scrubbed(rt: Runtime, ctx: ToolContext, batch: list[Event]) -> list[Event]:
+    """Every terminal event scrubbed of the command's secrets, whichever path produced it."""
+    scrub = getattr(rt.hooks, "scrub_payload", None)
+    if scrub is None:
+        return batch
+    return [attrs.evolve(e, context=scrub(e.context, ctx)) for e in batch]
 
 
 @attrs.frozen
