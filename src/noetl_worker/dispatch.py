@@ -58,6 +58,7 @@ WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
 TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
 NAK_DELAY_SHUTDOWN = 0.0
+HEARTBEAT_RETRY = RetryPolicy(attempts=2)
 
 
 class Hooks(Protocol):
@@ -81,6 +82,10 @@ class Hooks(Protocol):
         ...
 
     def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str: ...
+
+    def scrub_payload(self, payload: Any, ctx: ToolContext | None = None) -> Any:
+        """An event payload with the command's secrets (and secret-shaped values) replaced."""
+        ...
 
 
 @attrs.frozen
@@ -150,7 +155,7 @@ class Command:
         return 0, 0
 
     def tool_config(self) -> dict[str, Any]:
-        """upstream-rust-worker.md §4.1, plus the Python server's ``input`` block."""
+        """The tool config as the Rust worker assembles it, plus the Python server's ``input`` block."""
         raw = self.context.get("tool_config")
         if isinstance(raw, Mapping):
             config = dict(raw)
@@ -389,6 +394,8 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         server_url=command.server_url,
         variables=variables,
         render=partial(templating.render, variables=variables),
+        # One map for the whole command: the pipeline adds each secret it resolves, so the
+        # result, error and event paths below (which hold this ctx) all scrub them.
         secrets={},
         server=rt.plane.server_api(command.server_url),
         resources=rt.resources,
@@ -399,6 +406,10 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     kind = rt.metrics.kind_label(command.tool_kind)  # a metric label: bounded values only
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.send_after, COALESCE_WINDOW)
+        if dialect.heartbeat_interval is not None:
+            nursery.start_soon(
+                _heartbeats, rt, command.server_url, dialect, events, dialect.heartbeat_interval
+            )
         outcome = await _execute(rt, command, ctx)
         await sender.stop()
         nursery.cancel_scope.cancel()
@@ -409,7 +420,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error, extra={"tool_kind": kind, "status": "failed"})
         batch = [*sender.pending(), *dialect.exception_events(events, error, outcome.error_type)]
-        return await _report(rt, command, batch)
+        return await _report(rt, command, _scrubbed(rt, ctx, batch))
     return await _report_result(rt, command, ctx, dialect, events, sender, outcome)
 
 
@@ -445,7 +456,7 @@ async def _report_result(
         log.warning("command failed: %s", message, extra={"tool_kind": kind, "status": "failed"})
         batch = dialect.case_failed_events(events, reported, result, message, effect.events, effect.warnings)
         # Single posts, not a batch: the Python server's batch route acts on one event only.
-        return await _report(rt, command, [*pending, *batch], batch_ok=False)
+        return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]), batch_ok=False)
     rt.metrics.commands.labels(kind, result.status).inc()
     if result.status != "success" or failed:
         error = rt.hooks.scrub_text(dialect.error_text(result), ctx)
@@ -462,7 +473,15 @@ async def _report_result(
         batch = dialect.tool_error_events(events, reported, result, error, effect.events, effect.warnings)
     else:
         batch = dialect.success_events(events, reported, result, effect.events, effect.warnings)
-    return await _report(rt, command, [*pending, *batch])
+    return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]))
+
+
+def _scrubbed(rt: Runtime, ctx: ToolContext, batch: list[Event]) -> list[Event]:
+    """Every terminal event scrubbed of the command's secrets, whichever path produced it."""
+    scrub = getattr(rt.hooks, "scrub_payload", None)
+    if scrub is None:
+        return batch
+    return [attrs.evolve(e, context=scrub(e.context, ctx)) for e in batch]
 
 
 @attrs.frozen
@@ -520,6 +539,19 @@ async def _report(
     return Settle.NAK, 30.0
 
 
+async def _heartbeats(
+    rt: Runtime, server_url: str, dialect: Dialect, events: EventFactory, interval: float
+) -> None:
+    """``command.heartbeat`` every ``interval`` s while the tool runs; a lost one is only logged
+    (the server stores them, nothing depends on them)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            await rt.plane.emit(server_url, [dialect.heartbeat(events)], policy=HEARTBEAT_RETRY)
+        except ControlPlaneError as exc:
+            log.debug("command heartbeat not delivered: %s", exc)
+
+
 @attrs.define(eq=False)
 class _StartedSender:
     """Sends the start events on their own if the tool is still running after the window."""
@@ -553,7 +585,7 @@ class _StartedSender:
 
 @asynccontextmanager
 async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
-    """Give the execution slot back while a tool only waits on the server (DESIGN.md §4.10)."""
+    """Give the execution slot back while a tool only waits on the server."""
     async with rt.waiting:
         rt.slots.release_on_behalf_of(token)
         try:

@@ -25,6 +25,7 @@ import attrs
 import trio
 import trio_asyncio
 
+from . import procs
 from .bus import Bus, Message, install_exception_handler
 from .config import Settings
 from .control_plane import ControlPlane
@@ -223,6 +224,9 @@ async def _run_tree(
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
+            procs.launcher()  # started now, so the first shell step does not wait for it
+            if procs.is_reaper():  # PID 1 or a subreaper: adopted orphans' zombies are ours
+                background.start_soon(supervise, "reaper", procs.reap_adopted, metrics)
             maintain = getattr(rt.hooks, "maintain", None)
             if maintain is not None:
                 background.start_soon(supervise, "maintenance", maintain, metrics)
