@@ -78,7 +78,8 @@ def test_a_command_cancelled_at_the_drain_deadline_completes_once_on_another_wor
         monkeypatch.setattr(Stack, "delete_consumer", lambda self, name: None)
         b = stack.start_worker("ours", durable=durable, env={"WORKER_ID": "w-b"})
         began = time.monotonic()
-        terminal, events = stack.wait_terminal(execution_id, timeout=300)
+        # No event arrives while the lease runs out (~2 min): the stall bound must exceed it.
+        terminal, events = stack.wait_terminal(execution_id, timeout=300, stall=300)
         assert terminal == "playbook.completed", (b.tail(), [e.get("event_type") for e in events])
         handed_over_in = time.monotonic() - began
         # The claim rows as the server stored them (the events API does not return their meta).
