@@ -139,7 +139,7 @@ async def serve(
             plane=plane,
             metrics=metrics,
             ids=SnowflakeGenerator(settings.snowflake_node_id, settings.snowflake_epoch_ms),
-            resources=ToolResources(),
+            resources=ToolResources(metrics=metrics),
             hooks=hooks,
             slots=trio.CapacityLimiter(settings.max_concurrent),
             waiting=trio.CapacityLimiter(settings.max_waiting),

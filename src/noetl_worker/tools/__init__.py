@@ -30,6 +30,12 @@ _BUILTIN: dict[str, str] = {
     "postgres": "noetl_worker.tools.postgres",
     "duckdb": "noetl_worker.tools.duckdb",
     "playbook": "noetl_worker.tools.playbook",
+    "nats": "noetl_worker.tools.nats",
+    "mcp": "noetl_worker.tools.mcp",
+    "result_fetch": "noetl_worker.tools.result_fetch",
+    "artifact": "noetl_worker.tools.artifact",
+    "transfer": "noetl_worker.tools.transfer",
+    "websocket": "noetl_worker.tools.websocket",
 }
 _loaded: dict[str, ToolFunction] = {}
 
