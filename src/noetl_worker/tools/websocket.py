@@ -87,11 +87,11 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         )
     except ConnectionClosed as exc:
         # The peer closed while we were still sending.
-        reason = exc.reason
+        code, text = _close_of(exc)
         return ToolResult(
             "error",
-            error=f"websocket {url}: closed by the peer while sending ({reason.code} {reason.reason or ''})".rstrip(),
-            data=_data(messages, (reason.code, reason.reason)),
+            error=f"websocket {url}: closed by the peer while sending (code {code}, reason {text!r})",
+            data=_data(messages, (code, text)),
         )
     except OSError as exc:
         return ToolResult(
@@ -109,11 +109,16 @@ async def _receive(
         try:
             raw = await ws.get_message()
         except ConnectionClosed as exc:
-            return exc.reason.code, exc.reason.reason
+            return _close_of(exc)
         messages.append(_decode(raw, decode))
         if until is not None and raw == until:
             break
     return None, None
+
+
+def _close_of(exc: ConnectionClosed) -> tuple[int | None, str | None]:
+    reason = exc.reason
+    return (None, None) if reason is None else (reason.code, reason.reason)
 
 
 def _data(messages: list[Any], close: tuple[int | None, str | None]) -> dict[str, Any]:
@@ -135,7 +140,7 @@ def _list(cfg: Mapping[str, Any]) -> list[Any]:
     found = _fields.first(cfg, "send", "messages")
     if found is None:
         return []
-    name, value = found
+    _, value = found
     if not isinstance(value, list):
         return [value]
     return value
