@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,23 +21,33 @@ from ..tool_support import make_ctx
 SERVER = Path(__file__).with_name("mcp_server.py")
 
 
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+async def _accepts(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
 
 
-async def _start(mode: str) -> tuple[subprocess.Popen[bytes], str]:
+async def _start(mode: str) -> tuple[trio.Process, str]:
+    """The server in its own process: it is asyncio (uvicorn) code, and this test runs trio."""
     port = free_port()
-    proc = subprocess.Popen(
+    proc = await trio.lowlevel.open_process(
         [sys.executable, str(SERVER), str(port), mode], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     with trio.fail_after(60):
-        while not _accepts(port):  # noqa: ASYNC110 - a child process's socket has no event to wait on
+        while not await _accepts(port):
             if proc.poll() is not None:
                 raise RuntimeError(f"MCP test server exited with {proc.returncode}")
             await trio.sleep(0.1)
     return proc, f"http://127.0.0.1:{port}/mcp"
+
+
+async def _stop(proc: trio.Process) -> None:
+    proc.terminate()
+    with trio.fail_after(10):
+        await proc.wait()
 
 
 @pytest.fixture(params=["sse", "json"])
@@ -47,8 +56,7 @@ async def endpoint(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        await _stop(proc)
 
 
 @pytest.fixture
@@ -105,8 +113,7 @@ async def test_a_forgotten_session_is_initialized_again(resources: ToolResources
         again = await call(resources, endpoint=url, tool="add", arguments={"a": 1, "b": 2})
         assert again.status == "success" and again.data["text"] == "3"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        await _stop(proc)
 
 
 async def test_no_server_is_an_error_result(resources: ToolResources) -> None:
