@@ -80,6 +80,8 @@ class ToolMetrics(Protocol):
 
     def tool_operation(self, kind: str, operation: str, status: str) -> None: ...
 
+    def transfer_rows_moved(self, read: int, written: int) -> None: ...
+
 
 @attrs.define(eq=False)
 class ToolResources:
