@@ -129,7 +129,10 @@ async def test_upsert_updates_by_key_and_inserts_the_rest(pg_table: str) -> None
 
 
 async def test_a_failing_write_names_the_chunk_and_commits_nothing(duck: str) -> None:
-    source = "SELECT n AS id, CASE WHEN n = 4 THEN NULL ELSE 'x' END AS name, 0.0 AS score FROM generate_series(1, 6) n"
+    source = (
+        "SELECT n AS id, CASE WHEN n = 4 THEN NULL ELSE 'x' END AS name, 0.0 AS score"
+        " FROM generate_series(1, 6) n"
+    )
     result = await call(
         source={"type": "postgres", "connection_string": DSN, "query": source},
         target={"type": "duckdb", "db_path": duck, "table": "strict_t"},
