@@ -144,6 +144,22 @@ async def test_a_failing_write_names_the_chunk_and_commits_nothing(duck: str) ->
     assert duck_rows(duck, "SELECT count(*) FROM strict_t") == [(0,)]
 
 
+async def test_commit_per_chunk_keeps_the_chunks_before_a_failure(duck: str) -> None:
+    source = (
+        "SELECT n AS id, CASE WHEN n = 4 THEN NULL ELSE 'x' END AS name, 0.0 AS score"
+        " FROM generate_series(1, 6) n"
+    )
+    result = await call(
+        source={"type": "postgres", "connection_string": DSN, "query": source},
+        target={"type": "duckdb", "db_path": duck, "table": "strict_t"},
+        chunk_size=2,
+        commit="chunk",
+    )
+    assert result.status == "error" and "2 rows of earlier chunks stay committed" in (result.error or "")
+    assert result.data["rows_written"] == 2
+    assert duck_rows(duck, "SELECT count(*) FROM strict_t") == [(2,)]
+
+
 async def test_the_postgres_source_is_streamed_chunk_by_chunk(duck: str) -> None:
     # Row 2500 divides by zero: with a server-side cursor the first two chunks have already
     # been read (and written, uncommitted) when chunk 3 fails; a client-side cursor would fail

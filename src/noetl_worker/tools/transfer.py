@@ -8,6 +8,7 @@ Config::
              <connection>}
     chunk_size: 1000        # rows per read and per write (also accepted under source)
     mode: append | replace | upsert          # upsert needs target.key (a column or a list)
+    commit: end | chunk     # end (default): one transaction; chunk: commit after every chunk
 
 ``<connection>`` is the postgres tool's fields (``connection_string`` | ``dsn`` |
 ``connection``, or ``host``/``port``/``database``/``user``/``password``; usually from a
@@ -18,10 +19,13 @@ record batches, ``chunk_size`` rows at a time, so the source is never held in me
 is read while the previous one is written. An http source is one response, split into chunks
 for writing. Blocking driver calls run in worker threads.
 
-Target tables must exist. Everything is written in one transaction on the target: ``replace``
-empties the table first, and a failure rolls the whole transfer back, so a table is never left
-half-replaced. postgres targets use ``COPY`` (``append``/``replace``) or ``INSERT … ON CONFLICT
-(key) DO UPDATE`` (``upsert``); duckdb targets insert each chunk as an Arrow table.
+Target tables must exist. By default everything is written in one transaction on the target:
+``replace`` empties the table first, and a failure rolls the whole transfer back, so a table is
+never left half-replaced. DuckDB holds an uncommitted transaction's rows in memory (about 60 MiB
+per million narrow rows, see docs/performance.md); ``commit: chunk`` bounds that by committing
+each chunk, at the price of atomicity (a failure leaves the earlier chunks committed).
+postgres targets use ``COPY`` (``append``/``replace``) or ``INSERT … ON CONFLICT (key) DO
+UPDATE`` (``upsert``); duckdb targets insert each chunk as an Arrow table.
 
 Result data: ``{rows_read, rows_written, chunks, duration_ms, source, target, table, mode}``; a
 failure is a result with status ``error`` naming the chunk (its number and row range) and
@@ -49,6 +53,7 @@ KIND: Final = "transfer"
 SOURCES: Final = ("postgres", "duckdb", "http")
 TARGETS: Final = ("postgres", "duckdb")
 MODES: Final = ("append", "replace", "upsert")
+COMMITS: Final = ("end", "chunk")
 DEFAULT_CHUNK: Final = 1000
 MAX_CHUNK: Final = 1_000_000
 
@@ -83,6 +88,8 @@ class Target(Protocol):
 
     async def commit(self) -> None: ...
 
+    async def commit_chunk(self) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -98,6 +105,7 @@ class Plan:
     key: tuple[str, ...]
     mapping: tuple[tuple[str, str], ...] | None
     chunk_size: int
+    commit: str = "end"
 
 
 def _side(config: Mapping[str, Any], side: str) -> Mapping[str, Any]:
@@ -161,7 +169,8 @@ def read_plan(config: Mapping[str, Any]) -> Plan:
         raise ToolConfigError(
             KIND, "chunk_size", f"{chunk!r} is not accepted: expected an integer 1..{MAX_CHUNK}"
         )
-    return Plan(source_type, target_type, table.strip(), mode, key, pairs, chunk)
+    commit = _fields.choice(KIND, config, "commit", COMMITS, "end") or "end"
+    return Plan(source_type, target_type, table.strip(), mode, key, pairs, chunk, commit)
 
 
 def _choice(side: Mapping[str, Any], field: str, accepted: tuple[str, ...]) -> str:
@@ -427,6 +436,9 @@ class PostgresTarget:
         assert self.conn is not None
         await trio.to_thread.run_sync(self.conn.commit)
 
+    async def commit_chunk(self) -> None:
+        await self.commit()  # psycopg opens the next transaction on the next statement
+
     async def aclose(self) -> None:
         conn = self.conn
         if conn is not None:
@@ -484,6 +496,16 @@ class DuckdbTarget:
         assert self.conn is not None
         await trio.to_thread.run_sync(self.conn.commit)
 
+    async def commit_chunk(self) -> None:
+        conn = self.conn
+        assert conn is not None
+
+        def commit() -> None:
+            conn.commit()
+            conn.begin()
+
+        await trio.to_thread.run_sync(commit)
+
     async def aclose(self) -> None:
         conn = self.conn
         if conn is not None:
@@ -523,7 +545,9 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         return ToolResult("success", data={**counts, "duration_ms": duration, **summary})
     except TransferFailed as exc:
         duration = int((time.monotonic() - started) * 1000)
-        written, counts["rows_written"] = counts["rows_written"], 0  # rolled back with the transaction
+        written = counts["rows_written"]
+        if plan.commit == "end":
+            counts["rows_written"] = 0  # rolled back with the transaction
         data = {
             **counts,
             "duration_ms": duration,
@@ -538,9 +562,14 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             if exc.stage == "write"
             else f"reading the {plan.source_type} source"
         )
+        committed = (
+            "nothing committed"
+            if plan.commit == "end"
+            else f"the {counts['rows_written']} rows of earlier chunks stay committed"
+        )
         return ToolResult(
             "error",
-            error=f"transfer: {exc} ({where}; nothing committed)",
+            error=f"transfer: {exc} ({where}; {committed})",
             data=data,
         )
     finally:
@@ -602,6 +631,8 @@ async def _pump_chunks(plan: Plan, source: Source, target: Target, counts: dict[
                         await target.begin(columns, plan.mode, plan.key)
                         begun = True
                     await target.write(attrs.evolve(chunk, columns=columns, rows=rows))
+                    if plan.commit == "chunk":
+                        await target.commit_chunk()
                 except Exception as exc:
                     raise TransferFailed("write", number, first, len(rows), exc) from exc
                 counts["rows_written"] += len(rows)
