@@ -78,6 +78,7 @@ class Settings:
     log_format: str
     hostname: str
     ipc_node_id: str  # which node a shared-memory result lives on (readers on another refuse it)
+    events_stream: bool = False  # GET /events on the metrics port
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +115,7 @@ class Settings:
             "NOETL_WORKER_MAX_WAITING": self.max_waiting,
             "NOETL_LOG_LEVEL": self.log_level,
             "NOETL_LOG_FORMAT": self.log_format,
+            "WORKER_EVENTS_STREAM": self.events_stream,
         }
 
 
@@ -226,6 +228,7 @@ def _load(env: Env) -> Settings:
         log_format=env.choice("NOETL_LOG_FORMAT", "auto", LOG_FORMATS),
         hostname=hostname,
         ipc_node_id=env.raw("NOETL_NODE_ID") or env.raw("NODE_NAME") or hostname,
+        events_stream=env.flag("WORKER_EVENTS_STREAM", False),
     )
 
 

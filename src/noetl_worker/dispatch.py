@@ -40,6 +40,7 @@ from .control_plane import (
     RetryPolicy,
 )
 from .errors import BusError, ControlPlaneError, HTTPStatusError, ToolConfigError, ToolError
+from .event_stream import LifecycleSink, NoLifecycle
 from .events import Event, EventFactory
 from .metrics import Metrics
 from .notification import Notification
@@ -204,6 +205,8 @@ class Runtime:
     waiting: trio.CapacityLimiter
     ack_wait: Callable[[], float] = lambda: 30.0
     running: set[int] = attrs.field(factory=set)  # event ids of commands running in this process
+    # The operator event stream (GET /events); a no-op unless WORKER_EVENTS_STREAM is on.
+    lifecycle: LifecycleSink = attrs.field(factory=NoLifecycle)
 
 
 def _variables(command: Command, settings: Settings) -> dict[str, Any]:
@@ -314,6 +317,7 @@ async def _claim_and_run(
         return (Settle.TERM if isinstance(outcome, NotFound) else Settle.ACK), 0.0
     assert isinstance(outcome, Claimed)
     command = Command.from_claim(note, server_url, outcome.command)
+    rt.lifecycle.claimed(command)
     rt.metrics.concurrent.inc()
     start = trio.current_time()
     try:
@@ -423,6 +427,7 @@ async def _report(
     rt: Runtime, command: Command, batch: list[Event], *, batch_ok: bool = True
 ) -> tuple[str, float]:
     """Deliver the terminal events; settle according to what the server said."""
+    rt.lifecycle.reported(command, batch)
     with trio.move_on_after(TERMINAL_PATIENCE) as patience:
         try:
             if batch_ok:

@@ -29,6 +29,7 @@ from .config import Settings
 from .control_plane import ControlPlane
 from .dispatch import Hooks, Runtime, handle_message, pool_mismatch
 from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationError
+from .event_stream import EventHub, Lifecycle
 from .http_server import make_app, serve_http
 from .metrics import Metrics
 from .notification import parse_notification
@@ -53,6 +54,7 @@ class WorkerState:
     bus: Bus | None = None
     urls: list[str] = attrs.field(factory=list)
     runtime: Runtime | None = None
+    events: EventHub | None = None  # GET /events, when WORKER_EVENTS_STREAM is on
     stop: trio.Event = attrs.field(factory=trio.Event)
     started: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)  # set the first time /readyz turns 200
@@ -145,6 +147,9 @@ async def serve(
             waiting=trio.CapacityLimiter(settings.max_waiting),
             ack_wait=lambda: float(bus.ack_wait),
         )
+        if settings.events_stream:
+            state.events = EventHub(metrics)
+            rt.lifecycle = Lifecycle(state.events, settings.worker_id)
         state.runtime = rt
         log.info(
             "noetl-worker starting",
@@ -188,7 +193,7 @@ async def _run_tree(
     handle_signals: bool,
     http: bool,
 ) -> None:
-    app = make_app(metrics, state.readiness)
+    app = make_app(metrics, state.readiness, state.events)
     http_stop = trio.Event()
     async with trio.open_nursery() as root:
         if http:

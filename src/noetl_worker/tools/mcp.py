@@ -69,7 +69,7 @@ class _Sessions:
 
 def resolve_endpoint(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """``(server label, endpoint URL)`` from the config, else the environment."""
-    env = os.environ if environ is None else environ
+    environ = os.environ if environ is None else environ
     for name in ("endpoint", "url"):
         value = config.get(name)
         if value is not None:
@@ -79,9 +79,9 @@ def resolve_endpoint(config: Mapping[str, Any], environ: Mapping[str, str] | Non
         if str(server).lower().startswith(("http://", "https://")):
             return str(server), _url("server", server)
         variable = "NOETL_MCP_" + re.sub(r"[^A-Z0-9]", "_", str(server).upper()) + "_ENDPOINT"
-        if env.get(variable):
-            return str(server), _url(variable, env[variable])
-    default = env.get("NOETL_MCP_URL")
+        if environ.get(variable):
+            return str(server), _url(variable, environ[variable])
+    default = environ.get("NOETL_MCP_URL")
     if default:
         return str(server or default), _url("NOETL_MCP_URL", default)
     named = f" (nor NOETL_MCP_{str(server).upper()}_ENDPOINT)" if server is not None else ""
