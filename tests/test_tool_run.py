@@ -57,7 +57,7 @@ async def test_a_python_step_with_input_prints_the_stored_result(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["status"] == "success"
-    assert out["context"]["data"] == {"doubled": 6} and "working" in out["context"]["stdout"]
+    assert out["value"] == {"doubled": 6} and "working" in out["stdout"]
 
     human = await cli("tool", "run", "--kind", "python", "--config", step, "--input", '{"n": 4}')
     assert human.returncode == 0 and "status: success" in human.stdout and '"doubled": 8' in human.stdout
@@ -84,7 +84,7 @@ async def test_a_playbook_step_is_rendered_against_the_workload(tmp_path: Path) 
     )
     done = await cli("tool", "run", "--playbook", playbook, "--step", "say", "--json")
     assert done.returncode == 0, done.stderr
-    assert "hello from the workload" in json.dumps(json.loads(done.stdout)["context"])
+    assert "hello from the workload" in json.dumps(json.loads(done.stdout)["value"])
 
 
 async def test_a_failing_tool_exits_1_and_a_timeout_too(tmp_path: Path) -> None:
@@ -123,13 +123,13 @@ async def test_credentials_from_a_local_file_are_applied_and_scrubbed(tmp_path: 
     )
     done = await cli("tool", "run", "--config", step, "--credentials", creds, "--json")
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads(done.stdout)["context"]["data"]["rows"]
+    rows = json.loads(done.stdout)["value"]["rows"]
     assert rows[0]["db"] == parts.get("dbname", "test")
     assert password not in done.stdout
 
     unknown = write(tmp_path, "pg2.yaml", "kind: postgres\nauth: nobody\nquery: SELECT 1\n")
     missing = await cli("tool", "run", "--config", unknown, "--credentials", creds, "--json")
-    assert missing.returncode == 1 and "nobody" in json.loads(missing.stdout)["context"]["error"]
+    assert missing.returncode == 1 and "nobody" in json.loads(missing.stdout)["error"]
 
 
 async def test_usage_errors_exit_2(tmp_path: Path) -> None:

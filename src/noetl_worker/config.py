@@ -26,6 +26,7 @@ SNOWFLAKE_DEFAULT_EPOCH_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z, t
 MAX_NODE_ID: Final = 1023
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("auto", "json", "text")
+SERVER_DIALECTS: Final = ("auto", "python", "rust")  # dialect.py; kept here to avoid an import cycle
 
 
 @attrs.frozen
@@ -78,6 +79,7 @@ class Settings:
     log_format: str
     hostname: str
     ipc_node_id: str  # which node a shared-memory result lives on (readers on another refuse it)
+    server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
     events_stream: bool = False  # GET /events on the metrics port
 
     @classmethod
@@ -94,6 +96,7 @@ class Settings:
             "WORKER_METRICS_BIND": str(self.metrics_bind),
             "WORKER_NATS_LAG_POLL_INTERVAL": self.lag_poll_interval,
             "NOETL_SERVER_URL": self.server_url,
+            "NOETL_SERVER_DIALECT": self.server_dialect,
             "NATS_URL": self.nats.url,
             "NATS_USER": self.nats.user,
             "NATS_PASSWORD": "***" if self.nats.password else None,
@@ -228,6 +231,7 @@ def _load(env: Env) -> Settings:
         log_format=env.choice("NOETL_LOG_FORMAT", "auto", LOG_FORMATS),
         hostname=hostname,
         ipc_node_id=env.raw("NOETL_NODE_ID") or env.raw("NODE_NAME") or hostname,
+        server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
         events_stream=env.flag("WORKER_EVENTS_STREAM", False),
     )
 

@@ -153,7 +153,10 @@ class Lifecycle:
         duration = None if began is None else int((trio.current_time() - began) * 1000)
         for event in events:
             if event.event_type == COMMAND_COMPLETED:
-                record = self._record("finished", command, status=event.status, duration_ms=duration)
+                # The Python dialect says COMPLETED (its failures are command.failed); the Rust
+                # one carries the tool's own status.
+                status = "success" if event.status.upper() == "COMPLETED" else event.status.lower()
+                record = self._record("finished", command, status=status, duration_ms=duration)
                 self.hub.publish(record)
             elif event.event_type == COMMAND_FAILED:
                 error = event.context.get("error")

@@ -11,9 +11,10 @@ the template variables). It runs as a claimed command would: credential aliases 
 ``{{ keychain.… }}`` references resolved (from ``--server``, or a local ``--credentials`` file of
 ``alias: {type, data}``), templates rendered against ``--input`` and the workload, the tool
 under its deadline (its own ``timeout`` or ``NOETL_WORKER_COMMAND_TIMEOUT_SECONDS``), secrets
-scrubbed from the result. What is printed is the ``call.done`` result the server would store
-(``--json`` for machines). Exit code: 0 when the tool's status is ``success``, 1 otherwise, 2 for
-a usage or configuration error.
+scrubbed from the result. What is printed is the tool's status, the value the server would store
+as the step's result (``value``, as the Python server reads it, or ``--dialect rust``), the error
+text it would get, and the captured stdout/stderr (``--json`` for machines). Exit code: 0 when
+the tool's status is ``success``, 1 otherwise, 2 for a usage or configuration error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import trio
 
 from . import templating, tools
 from .config import Settings
+from .dialect import dialect_for_command
 from .dispatch import Command
 from .errors import ControlPlaneError, HTTPStatusError, ToolError
 from .metrics import Metrics
@@ -123,10 +125,11 @@ class Request:
     server_url: str | None
     credentials: Mapping[str, Any] | None
     step: str = "tool_run"
+    dialect: str = "python"
 
 
 async def run_request(request: Request, settings: Settings) -> dict[str, Any]:
-    """The ``call.done`` result object (status + scrubbed context) for one tool config."""
+    """The scrubbed outcome of one tool config: status, the value the server stores, error."""
     from contextlib import AsyncExitStack
 
     import trio_asyncio
@@ -187,11 +190,34 @@ async def run_request(request: Request, settings: Settings) -> dict[str, Any]:
         )
         try:
             result, ctx = await _execute(command, ctx, pipeline, settings)
-            out = await pipeline.call_done_result(command, ctx, result)
+            out = await _stored(command, ctx, pipeline, result, request.dialect)
         finally:
             with trio.CancelScope(shield=True):
                 await resources.aclose()
                 await pipeline.aclose()
+    return out
+
+
+async def _stored(
+    command: Command, ctx: ToolContext, pipeline: Any, result: ToolResult, dialect_name: str
+) -> dict[str, Any]:
+    """The tool's outcome as the server would see it, scrubbed: status, the stored value, error."""
+    dialect = dialect_for_command("rust" if dialect_name == "rust" else "python", command.meta)
+    failed = dialect.tool_failed(result, command.tool_kind)
+    value = dialect.reported_value(result, failed)
+    body = await pipeline.call_done_result(command, ctx, value, result.status, stage_shared_memory=False)
+    out: dict[str, Any] = {"status": result.status, "dialect": dialect.name}
+    if "context" in body:
+        out["value"] = body["context"]
+    if failed:
+        out["error"] = pipeline.scrub_text(dialect.error_text(result), ctx)
+    for key in ("stdout", "stderr"):
+        text = getattr(result, key)
+        if text:
+            out[key] = pipeline.scrub_text(text, ctx)
+    for key in ("exit_code", "duration_ms"):
+        if getattr(result, key) is not None:
+            out[key] = getattr(result, key)
     return out
 
 
@@ -221,23 +247,20 @@ async def _execute(
 
 
 def print_result(out: Mapping[str, Any], as_json: bool, stream: TextIO) -> None:
-    context = out.get("context")
     if as_json:
         stream.write(json.dumps(out, indent=2, default=str) + "\n")
         return
-    status = out.get("status")
-    stream.write(f"status: {status}\n")
-    if isinstance(context, Mapping):
-        for key in ("error", "exit_code", "duration_ms"):
-            if context.get(key) is not None:
-                stream.write(f"{key}: {context[key]}\n")
-        if "data" in context:
-            stream.write("data:\n" + json.dumps(context["data"], indent=2, default=str) + "\n")
-        for key in ("stdout", "stderr"):
-            if context.get(key):
-                stream.write(f"--- {key} ---\n{str(context[key]).rstrip()}\n")
-    elif out.get("reference") is not None:
-        stream.write("result stored by reference:\n" + json.dumps(out["reference"], indent=2) + "\n")
+    stream.write(f"status: {out.get('status')}\n")
+    for key in ("error", "exit_code", "duration_ms"):
+        if out.get(key) is not None:
+            stream.write(f"{key}: {out[key]}\n")
+    if "value" in out:
+        stream.write(
+            "value (what the server stores):\n" + json.dumps(out["value"], indent=2, default=str) + "\n"
+        )
+    for key in ("stdout", "stderr"):
+        if out.get(key):
+            stream.write(f"--- {key} ---\n{str(out[key]).rstrip()}\n")
 
 
 def main(args: Any, settings: Settings) -> int:
@@ -287,7 +310,7 @@ def build_request(args: Any) -> Request:
         credentials = loaded
     if args.server is not None and not str(args.server).startswith(("http://", "https://")):
         raise UsageError(f"--server {args.server!r}: expected an http(s):// URL")
-    return Request(config, inputs, workload, args.server, credentials, step)
+    return Request(config, inputs, workload, args.server, credentials, step, args.dialect)
 
 
 def add_parser(sub: Any) -> None:
@@ -307,4 +330,10 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--input", metavar="JSON", help="the step's input (a JSON object), e.g. '{\"n\": 3}'")
     run.add_argument("--server", metavar="URL", help="NoETL server for credentials, keychain and results")
     run.add_argument("--credentials", metavar="FILE", help="local credentials: YAML/JSON alias: {type, data}")
+    run.add_argument(
+        "--dialect",
+        choices=("python", "rust"),
+        default="python",
+        help="which server's view of the result to print (default python, the published server)",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
