@@ -60,6 +60,7 @@ async def test_kv_round_trip_creates_the_bucket_on_request(
     assert put.status == "success" and put.data["bucket_created"] is True and put.data["revision"] == 1
     got = await call(ctx, operation="kv_get", bucket="b1", key="k")
     assert got.data["found"] is True and got.data["value"] == {"a": 1} and got.data["encoding"] == "json"
+    assert got.data["status"] == "success"  # noetl's own worker's field
 
     await call(ctx, operation="kv_put", bucket="b1", key="other", value="plain text")
     text = await call(ctx, operation="kv_get", bucket="b1", key="other")
@@ -67,10 +68,12 @@ async def test_kv_round_trip_creates_the_bucket_on_request(
 
     keys = await call(ctx, operation="kv_keys", bucket="b1")
     assert keys.data["keys"] == ["k", "other"] and keys.data["count"] == 2
+    matched = await call(ctx, operation="kv_keys", bucket="b1", pattern="o*")
+    assert matched.data["keys"] == ["other"]
 
     assert (await call(ctx, operation="kv_delete", bucket="b1", key="k")).data["deleted"] is True
     gone = await call(ctx, operation="kv_get", bucket="b1", key="k")
-    assert gone.status == "success" and gone.data["found"] is False
+    assert gone.status == "success" and gone.data["found"] is False and gone.data["status"] == "not_found"
     await call(ctx, operation="kv_purge", bucket="b1", key="other")
     assert (await call(ctx, operation="kv_keys", bucket="b1")).data["keys"] == []
 
@@ -110,7 +113,7 @@ async def test_object_store_operations(nats: NatsServer, resources: ToolResource
     info = await call(ctx, operation="object_info", bucket="files", name="a.txt")
     assert info.data["found"] is True and info.data["size"] == 5
     got = await call(ctx, operation="object_get", bucket="files", name="a.txt")
-    assert got.data["value"] == "hello"
+    assert got.data["value"] == "hello" and got.data["data"] == "hello"
     listed = await call(ctx, operation="object_list", bucket="files")
     assert [o["name"] for o in listed.data["objects"]] == ["a.txt"]
     await call(ctx, operation="object_delete", bucket="files", name="a.txt")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -110,9 +111,10 @@ def read_target(config: Mapping[str, Any], ctx: ToolContext) -> Target:
         raise ToolConfigError(
             KIND, "url", f"{url!r} is not accepted: expected nats://host:port (comma-separated for several)"
         )
-    user = config.get("user") or config.get("username")
-    password = config.get("password")
-    token = config.get("token")
+    # noetl's own worker reads nats_user / nats_password / nats_token: accepted as well.
+    user = config.get("user") or config.get("username") or config.get("nats_user")
+    password = config.get("password") or config.get("nats_password")
+    token = config.get("token") or config.get("nats_token")
     return Target(
         cleaned,
         None if user is None else str(user),
@@ -271,7 +273,11 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             js = await jetstream(ctx, target, timeout)
             data = await handler(js, cfg, timeout)
         status = "success"
-        return ToolResult("success", data={"operation": operation, **data})
+        # ``status`` as noetl's own worker reports it (``not_found`` for a missing key).
+        found = data.get("found", True)
+        return ToolResult(
+            "success", data={"status": "success" if found else "not_found", "operation": operation, **data}
+        )
     except NatsOperationError as exc:
         return ToolResult("error", error=str(exc), data={"operation": operation, "error": str(exc)})
     except trio.TooSlowError:
@@ -310,7 +316,14 @@ async def _kv_get(js: JetStreamContext, config: Mapping[str, Any], timeout: floa
         if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):
             return {**base, "found": False, "value": None, "size": 0, "encoding": None}
         raise
-    return {**base, "found": True, "revision": entry.revision, **decode_value(entry.value, _decoding(config))}
+    created = entry.created
+    return {
+        **base,
+        "found": True,
+        "revision": entry.revision,
+        "created": created.isoformat() if hasattr(created, "isoformat") else created,
+        **decode_value(entry.value, _decoding(config)),
+    }
 
 
 async def _kv_put(js: JetStreamContext, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
@@ -344,6 +357,9 @@ async def _kv_purge(js: JetStreamContext, config: Mapping[str, Any], timeout: fl
 
 async def _kv_keys(js: JetStreamContext, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     kv, _ = await _kv(js, config)
+    pattern = config.get("pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ToolConfigError(KIND, "pattern", f"expected a glob pattern (e.g. 'user.*'), got {pattern!r}")
     filters = config.get("filter") or config.get("filters")
     if filters is not None and not isinstance(filters, str | list):
         raise ToolConfigError(KIND, "filter", f"expected a subject filter or a list of them, got {filters!r}")
@@ -354,6 +370,8 @@ async def _kv_keys(js: JetStreamContext, config: Mapping[str, Any], timeout: flo
         if not isinstance(exc.__cause__, nats.js.errors.NoKeysError):
             raise
         keys = []
+    if pattern is not None:
+        keys = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
     return {"bucket": str(config["bucket"]), "keys": sorted(keys), "count": len(keys)}
 
 
@@ -394,11 +412,13 @@ async def _object_get(js: JetStreamContext, config: Mapping[str, Any], timeout: 
             return {"bucket": str(config["bucket"]), "name": name, "found": False, "value": None, "size": 0}
         raise
     decoded = decode_value(result.data, _decoding(config))
+    # ``data`` is noetl's own worker's name for the object's content.
     return {
         "bucket": str(config["bucket"]),
         "name": name,
         "found": True,
         **decoded,
+        "data": decoded["value"],
         "info": _info_json(result.info),
     }
 
@@ -407,7 +427,8 @@ async def _object_put(js: JetStreamContext, config: Mapping[str, Any], timeout: 
     create = _fields.flag(KIND, config, "create_bucket", "create", default=False)
     store, created = await _obs(js, config, create=create)
     name = _object_name(config)
-    info = await _aio(f"object_put {name}", store.put, name, _encode_value(config))
+    field = "value" if "value" in config or "value_base64" in config else "data"
+    info = await _aio(f"object_put {name}", store.put, name, _encode_value(config, field))
     return {"bucket": str(config["bucket"]), **_info_json(info), "bucket_created": created}
 
 
