@@ -273,17 +273,16 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             js = await jetstream(ctx, target, timeout)
             data = await handler(js, cfg, timeout)
         status = "success"
-        # ``status`` as noetl's own worker reports it (``not_found`` for a missing key).
-        found = data.get("found", True)
-        return ToolResult(
-            "success", data={"status": "success" if found else "not_found", "operation": operation, **data}
-        )
+        # Shaped as noetl's own worker reports it: ``status`` first (``not_found`` for a missing
+        # key or object), the operation's fields after.
+        found = data.pop("found", True)
+        return ToolResult("success", data={"status": "success" if found else "not_found", **data})
     except NatsOperationError as exc:
-        return ToolResult("error", error=str(exc), data={"operation": operation, "error": str(exc)})
+        return ToolResult("error", error=str(exc), data={"status": "error", "error": str(exc)})
     except trio.TooSlowError:
         message = f"nats {operation} did not complete within {timeout:g} s"
         status = "timeout"
-        return ToolResult("timeout", error=message, data={"operation": operation, "error": message})
+        return ToolResult("timeout", error=message, data={"status": "error", "error": message})
     finally:
         metrics = ctx.resources.metrics
         if metrics is not None:
@@ -314,21 +313,25 @@ async def _kv_get(js: JetStreamContext, config: Mapping[str, Any], timeout: floa
         entry = await _aio(f"kv_get {key}", kv.get, key)
     except NatsOperationError as exc:
         if isinstance(exc.__cause__, nats.js.errors.KeyNotFoundError):
-            return {**base, "found": False, "value": None, "size": 0, "encoding": None}
+            return {**base, "found": False, "value": None}
         raise
     created = entry.created
-    return {
+    decoded = decode_value(entry.value, _decoding(config))
+    out = {
         **base,
         "found": True,
+        "value": decoded["value"],
         "revision": entry.revision,
         "created": created.isoformat() if hasattr(created, "isoformat") else created,
-        **decode_value(entry.value, _decoding(config)),
     }
+    if "compressed" in decoded:
+        out["compressed"] = decoded["compressed"]
+    return out
 
 
 async def _kv_put(js: JetStreamContext, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     create = _fields.flag(KIND, config, "create_bucket", "create", default=False)
-    kv, created = await _kv(js, config, create=create)
+    kv, _ = await _kv(js, config, create=create)
     key = _text(config, "key", "the key to write")
     value = _encode_value(config)
     revision = await _aio(f"kv_put {key}", kv.put, key, value)
@@ -336,8 +339,6 @@ async def _kv_put(js: JetStreamContext, config: Mapping[str, Any], timeout: floa
         "bucket": str(config["bucket"]),
         "key": key,
         "revision": revision,
-        "size": len(value),
-        "bucket_created": created,
     }
 
 
@@ -425,11 +426,11 @@ async def _object_get(js: JetStreamContext, config: Mapping[str, Any], timeout: 
 
 async def _object_put(js: JetStreamContext, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
     create = _fields.flag(KIND, config, "create_bucket", "create", default=False)
-    store, created = await _obs(js, config, create=create)
+    store, _ = await _obs(js, config, create=create)
     name = _object_name(config)
     field = "value" if "value" in config or "value_base64" in config else "data"
     info = await _aio(f"object_put {name}", store.put, name, _encode_value(config, field))
-    return {"bucket": str(config["bucket"]), **_info_json(info), "bucket_created": created}
+    return {"bucket": str(config["bucket"]), **_info_json(info)}
 
 
 async def _object_delete(js: JetStreamContext, config: Mapping[str, Any], timeout: float) -> dict[str, Any]:
