@@ -223,6 +223,14 @@ def duckdb_file(run: Run, env: Env) -> None:
     assert Path(crunch["database_path"]).is_file()
 
 
+def nats_kv(run: Run, env: Env) -> None:
+    put = _done(run, "put")
+    assert put["status"] == "success" and put["bucket"] == "interop_kv" and put["revision"] == 1
+    got = _done(run, "get")
+    assert got["status"] == "success" and got["value"] == {"n": 17, "note": "kept"}
+    assert _done(run, "use")["n_plus_one"] == 18
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -266,6 +274,7 @@ CASES: tuple[Case, ...] = (
     Case("postgres_query", "completed", postgres_query, ran=("query", "use")),
     Case("postgres_error", "failed", postgres_error, ran=("on_error",), errored=("query",)),
     Case("duckdb_file", "completed", duckdb_file, ran=("start", "crunch", "done")),
+    Case("nats_kv", "completed", nats_kv, ran=("start", "put", "get", "use")),
 )
 
 BY_NAME = {c.name: c for c in CASES}
