@@ -319,7 +319,9 @@ def add_parser(sub: Any) -> None:
     run = tool_sub.add_parser(
         "run",
         help="run one tool config through the worker's pipeline, without NATS; prints the result",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description="Run one tool config (a tool block, a step, or a playbook step) through the"
+        " worker's pipeline without NATS: templating, credentials, deadline, scrubbing. Exit 0 when"
+        " the tool succeeds, 1 when it does not, 2 for a usage error.",
     )
     run.add_argument(
         "--kind", help=f"tool kind (overrides the file's 'kind'); one of {', '.join(tools.kinds())}"

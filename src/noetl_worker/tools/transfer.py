@@ -334,7 +334,7 @@ class RowsSource:
                 json=body,
             )
         response.raise_for_status()
-        document = response.json()
+        document = await trio.to_thread.run_sync(response.json)  # a large answer: not on the trio thread
         path = side.get("data_path")
         for part in str(path).split(".") if path else []:
             document = document[int(part)] if isinstance(document, list) else document[part]
