@@ -17,6 +17,7 @@ import trio.lowlevel
 
 from noetl_worker.dialect import (
     DEFAULT_DIALECT,
+    DIALECT_MODES,
     REPROBE_AFTER,
     Dialects,
     PythonDialect,
@@ -314,3 +315,14 @@ async def test_a_fixed_dialect_never_probes() -> None:
 def test_an_unknown_mode_names_the_accepted_values() -> None:
     with pytest.raises(ValueError, match="auto, python, rust"):
         Dialects("fastapi")
+
+
+def test_the_setting_accepts_exactly_the_dialect_modes() -> None:
+    from noetl_worker.config import SERVER_DIALECTS, ConfigError, Settings
+
+    assert SERVER_DIALECTS == DIALECT_MODES
+    assert Settings.from_env({}).server_dialect == "auto"
+    assert Settings.from_env({"NOETL_SERVER_DIALECT": "Rust"}).server_dialect == "rust"
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"NOETL_SERVER_DIALECT": "fastapi"})
+    assert "NOETL_SERVER_DIALECT" in str(raised.value) and "auto, python, rust" in str(raised.value)

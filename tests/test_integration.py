@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -388,3 +389,34 @@ async def test_consumer_lag_gauges_are_exported(
                 lambda: registry.get_sample_value("noetl_worker_nats_consumer_pending", labels) is not None
             )
             assert registry.get_sample_value("noetl_worker_nats_consumer_ack_pending", labels) == 0
+
+
+async def test_failure_log_lines_carry_the_scrubbed_error(
+    stub: StubServer,
+    publisher: Publisher,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "log-secret-4f3e2d1c"
+    monkeypatch.setenv("LOG_TEST_TOKEN", secret)
+    raised = stub.state.enqueue_command(
+        step="raised",
+        tool_kind="python",
+        tool_config={"code": f"def main():\n    raise ValueError('bad input near {secret}')\n"},
+    )
+    unrunnable = stub.state.enqueue_command(
+        step="unrunnable", tool_kind="shell", tool_config={"command": "true", "cwd": f"/nonexistent/{secret}"}
+    )
+    settings = make_settings(WORKER_MAX_CONCURRENT="2", NOETL_KEYCHAIN_ENV_VARS="LOG_TEST_TOKEN")
+    with caplog.at_level(logging.WARNING, logger="noetl_worker.dispatch"), trio.fail_after(30):
+        async with open_worker(settings):
+            for command in (raised, unrunnable):
+                await publisher.publish_command(command.notification(stub.url))
+            await stub.state.wait_terminal([raised, unrunnable], timeout=20)
+    lines = [r.getMessage() for r in caplog.records if r.name == "noetl_worker.dispatch"]
+    assert any(
+        line.startswith("command finished: error: ") and "bad input near [REDACTED]" in line for line in lines
+    )
+    assert any(line.startswith("command failed: ") and "/nonexistent/[REDACTED]" in line for line in lines)
+    assert not any(secret in line for line in lines)

@@ -468,6 +468,8 @@ class Dialects:
                 status, body = await self.fetch(server_url)
         except (TransportError, trio.TooSlowError) as exc:
             return self._fallback(server_url, f"no answer ({exc or 'timeout'})", cache=False)
+        except Exception as exc:  # the probe must never take a command down with it
+            return self._fallback(server_url, f"probe failed ({type(exc).__name__}: {exc})", cache=False)
         name = classify_health(status, body)
         if name is not None:
             self._decided[server_url] = name
