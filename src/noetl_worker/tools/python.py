@@ -8,7 +8,8 @@ Config (compatible with both upstream workers):
 - ``args`` and ``input`` (merged, ``args`` wins): every key becomes a global, ``args`` holds the
   whole dict, and ``main(**kwargs)`` gets the keys it accepts (all of them with ``**kwargs``).
   Strings inside are rendered with ``ctx.render``;
-- ``timeout`` / ``timeout_seconds`` → status ``timeout``; ``env`` (extra environment), ``cwd``,
+- ``timeout`` / ``timeout_seconds`` → status ``timeout``; ``env`` (the step's environment, on top of
+  a clean base: PATH, locale, TZ, a scratch HOME/TMPDIR — never the worker's own), ``cwd``,
   ``python`` (interpreter, default the worker's own).
 
 Result ``data``: ``main``'s return value if not ``None``, else the ``result`` global, else stdout
@@ -53,8 +54,8 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         "args": args,
         "env": _env(config, ctx),
         "cwd": config.get("cwd"),
-        "memory_limit_mb": _memory_limit_mb(),
     }
+    memory_limit_mb = _memory_limit_mb()
     if "context" in code:  # only ship the (possibly large) render context when it can be used
         request["context"] = dict(ctx.variables)
     payload = json.dumps(request, default=str).encode() + b"\n"
@@ -62,7 +63,7 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     if not isinstance(python, str):
         raise ToolConfigError("python", "python", "expected an interpreter path (string)")
     handle = await ctx.resources.get_or_create(
-        _resource_key(python), lambda: _new_handle(python), _close_handle
+        _resource_key(python), lambda: _new_handle(python, memory_limit_mb), _close_handle
     )
     capture = CallCapture(max_output_bytes=MAX_OUTPUT_BYTES)
     started = time.monotonic()
@@ -78,21 +79,37 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             stderr=capture.text("stderr"),
             duration_ms=duration_ms,
         )
-    return _result(capture, duration_ms, request["memory_limit_mb"])
+    return _result(capture, duration_ms, handle.memory_limit_mb)
 
 
 def _resource_key(python: str) -> str:
     return "python.forkserver" if python == sys.executable else f"python.forkserver:{python}"
 
 
-async def _new_handle(python: str) -> ForkServerHandle:
-    handle = ForkServerHandle(python)
+async def _new_handle(python: str, memory_limit_mb: int) -> ForkServerHandle:
+    # The limit is set once on the fork server, which every child inherits.
+    handle = ForkServerHandle(python, memory_limit_mb=memory_limit_mb, env=clean_env())
     await handle.server()  # start now, so a bad interpreter fails this call, not a later one
     return handle
 
 
 async def _close_handle(handle: ForkServerHandle) -> None:
     await handle.aclose()
+
+
+# What a python child inherits from the worker's environment; nothing else of it (no tokens,
+# passwords or worker configuration). HOME and TMPDIR are a scratch directory per child.
+_KEPT_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ"})
+_KEPT_PREFIXES = ("LC_", "KUBERNETES_SERVICE_")
+
+
+def clean_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The base environment of python children: locale, PATH, timezone, the Kubernetes API
+    address; the step's declared ``env`` is added per call."""
+    source = os.environ if source is None else source
+    env = {k: v for k, v in source.items() if k in _KEPT_NAMES or k.startswith(_KEPT_PREFIXES)}
+    env.setdefault("PATH", os.defpath)
+    return env
 
 
 def _result(capture: CallCapture, duration_ms: int, memory_limit_mb: int) -> ToolResult:
