@@ -26,6 +26,9 @@ SNOWFLAKE_DEFAULT_EPOCH_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z, t
 MAX_NODE_ID: Final = 1023
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("auto", "json", "text")
+DELIVER_POLICIES: Final = ("by_start_time", "new", "all", "last")
+DEFAULT_DELIVER_WINDOW: Final = 300.0
+DEFAULT_CLAIM_MAX_BYTES: Final = 64 * 1024 * 1024
 SERVER_DIALECTS: Final = ("auto", "python", "rust")  # dialect.py; kept here to avoid an import cycle
 
 
@@ -79,6 +82,11 @@ class Settings:
     log_format: str
     hostname: str
     ipc_node_id: str  # which node a shared-memory result lives on (readers on another refuse it)
+    # Origins (scheme://host[:port]) a notification's server_url may name (see origins.py).
+    server_url_allowlist: frozenset[str] = frozenset()
+    deliver_policy: str = "by_start_time"  # of a consumer the worker creates
+    deliver_window: float = DEFAULT_DELIVER_WINDOW
+    claim_max_bytes: int = DEFAULT_CLAIM_MAX_BYTES
     server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
     events_stream: bool = False  # GET /events on the metrics port
 
@@ -118,6 +126,10 @@ class Settings:
             "NOETL_WORKER_MAX_WAITING": self.max_waiting,
             "NOETL_LOG_LEVEL": self.log_level,
             "NOETL_LOG_FORMAT": self.log_format,
+            "NOETL_SERVER_URL_ALLOWLIST": ",".join(sorted(self.server_url_allowlist)),
+            "NATS_DELIVER_POLICY": self.deliver_policy,
+            "NATS_DELIVER_WINDOW_SECONDS": self.deliver_window,
+            "NOETL_CLAIM_MAX_BYTES": self.claim_max_bytes,
             "WORKER_EVENTS_STREAM": self.events_stream,
         }
 
@@ -198,6 +210,7 @@ def _load(env: Env) -> Settings:
     node_id, node_source = _snowflake_node(env, worker_id)
     hostname = env.text("HOSTNAME", "") or socket.gethostname() or "unknown"
     log_level = _log_level(env)
+    server_url = _server_url(env, "NOETL_SERVER_URL", "http://localhost:8082")
     return Settings(
         worker_id=worker_id,
         pool_name=pool_name,
@@ -205,7 +218,7 @@ def _load(env: Env) -> Settings:
         max_concurrent=env.integer("WORKER_MAX_CONCURRENT", 1, minimum=1, maximum=4096),
         metrics_bind=_bind(env, "WORKER_METRICS_BIND", "0.0.0.0:9090"),
         lag_poll_interval=env.seconds("WORKER_NATS_LAG_POLL_INTERVAL", 5.0),
-        server_url=_server_url(env, "NOETL_SERVER_URL", "http://localhost:8082"),
+        server_url=server_url,
         nats=_nats_auth(env),
         stream=_name(env, "NATS_STREAM", "noetl_commands"),
         consumer=_name(env, "NATS_CONSUMER", "worker-pool"),
@@ -231,9 +244,41 @@ def _load(env: Env) -> Settings:
         log_format=env.choice("NOETL_LOG_FORMAT", "auto", LOG_FORMATS),
         hostname=hostname,
         ipc_node_id=env.raw("NOETL_NODE_ID") or env.raw("NODE_NAME") or hostname,
+        server_url_allowlist=_allowlist(env, server_url),
+        deliver_policy=env.choice("NATS_DELIVER_POLICY", "by_start_time", DELIVER_POLICIES),
+        deliver_window=env.seconds("NATS_DELIVER_WINDOW_SECONDS", DEFAULT_DELIVER_WINDOW),
+        claim_max_bytes=env.integer(
+            "NOETL_CLAIM_MAX_BYTES", DEFAULT_CLAIM_MAX_BYTES, minimum=1024, maximum=2**40
+        ),
         server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
         events_stream=env.flag("WORKER_EVENTS_STREAM", False),
     )
+
+
+def _allowlist(env: Env, server_url: str) -> frozenset[str]:
+    """Origins a notification's server_url may name; NOETL_SERVER_URL's origin is always one."""
+    from .origins import ServerURLError, origin_of
+
+    try:
+        origins = {origin_of(server_url)}
+    except ServerURLError as exc:
+        raise ConfigError(
+            "NOETL_SERVER_URL", server_url, f"an http(s) URL without credentials ({exc})"
+        ) from None
+    value = env.raw("NOETL_SERVER_URL_ALLOWLIST") or ""
+    accepted = "comma-separated http(s) origins (scheme://host[:port], no path), e.g. https://noetl:8082"
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        try:
+            origin = origin_of(item)
+        except ServerURLError as exc:
+            raise ConfigError("NOETL_SERVER_URL_ALLOWLIST", value, f"{accepted}; {item!r}: {exc}") from None
+        parts = urlsplit(item)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("NOETL_SERVER_URL_ALLOWLIST", value, f"{accepted}; {item!r} has a path")
+        origins.add(origin)
+    return frozenset(origins)
 
 
 def _bind(env: Env, name: str, default: str) -> Bind:

@@ -290,43 +290,85 @@ def _execute(request: dict[str, Any]) -> dict[str, Any]:
         }
         namespace.update((k, v) for k, v in args.items() if k.isidentifier())
         namespace["args"] = args
+        _import_libs(namespace, request.get("libs") or [])
+        before = dict(namespace)
         code = compile(request["code"], request.get("filename", "<python step>"), "exec")
-        exec(code, namespace)
-        main = namespace.get("main")
-        if callable(main):
-            value = main(**_accepted_kwargs(main, args))
-            if inspect.isawaitable(value):
-                value = asyncio.run(_await(value))
-            if value is not None:
-                return {"ok": True, "has_value": True, "data": to_jsonable(value)}
-        if namespace.get("result") is not None:
-            return {"ok": True, "has_value": True, "data": to_jsonable(namespace["result"])}
-        return {"ok": True, "has_value": False}
-    except SystemExit as exc:
-        if exc.code in (None, 0):
-            return {"ok": True, "has_value": False}
-        return _error_outcome(exc, None)
+        try:
+            exec(code, namespace)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                raise
+        return {"ok": True, "has_value": True, "data": to_jsonable(_step_value(namespace, before, args))}
     except BaseException as exc:
         return _error_outcome(exc, None)
+
+
+def _import_libs(namespace: dict[str, Any], libs: list[Any]) -> None:
+    """The step's ``libs``: ``[alias, module, name]`` → ``import module as alias`` (``name`` None)
+    or ``from module import name as alias``. A missing module fails the step, naming it."""
+    import importlib
+
+    for alias, module, name in libs:
+        imported = importlib.import_module(module)
+        if name and not hasattr(imported, name):
+            imported = importlib.import_module(f"{module}.{name}")  # a submodule, as ``from`` allows
+            namespace[alias] = imported
+            continue
+        namespace[alias] = getattr(imported, name) if name else imported
+
+
+def _step_value(namespace: dict[str, Any], before: dict[str, Any], args: dict[str, Any]) -> Any:
+    """What noetl's worker stores: ``main()``'s return value (``None`` included) when the code
+    defines ``main``; else the ``result`` the code assigned; else a summary of what it defined."""
+    main = namespace.get("main")
+    if callable(main) and main is not before.get("main"):
+        value = main(**_accepted_kwargs(main, args, namespace.get("context")))
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+        return value
+    if "result" in namespace and namespace["result"] is not before.get("result", _UNSET):
+        return namespace["result"]
+    defined = [k for k in namespace if not k.startswith("__") and namespace[k] is not before.get(k, _UNSET)]
+    return {
+        "status": "success",
+        "message": "Code executed without explicit result variable",
+        "locals_count": len(defined),
+        "locals_keys": defined,
+    }
+
+
+_UNSET = object()
 
 
 async def _await(value: Any) -> Any:
     return await value
 
 
-def _accepted_kwargs(main: Any, args: dict[str, Any]) -> dict[str, Any]:
+def _accepted_kwargs(main: Any, args: dict[str, Any], context: Any = None) -> dict[str, Any]:
     try:
         parameters = inspect.signature(main).parameters.values()
     except (TypeError, ValueError):
-        return dict(args)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return dict(args)
     names = {
         p.name
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
-    return {k: v for k, v in args.items() if k in names}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        chosen = dict(args)
+    else:
+        chosen = {k: v for k, v in args.items() if k in names}
+    if "context" in names and "context" not in chosen:
+        chosen["context"] = context if context is not None else {}  # noetl passes the render context
+    if isinstance(context, dict):
+        # noetl's worker fills the rest from the render context: its input, data, then top level.
+        sources = [s for s in (context.get("input"), context.get("data"), context) if isinstance(s, dict)]
+        for name in names - chosen.keys():
+            for source in sources:
+                if name in source:
+                    chosen[name] = source[name]
+                    break
+    return chosen
 
 
 def _error_outcome(exc: BaseException, during: str | None) -> dict[str, Any]:
