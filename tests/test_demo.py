@@ -26,6 +26,8 @@ async def test_the_demo_runs_every_command_as_expected_and_exits_0() -> None:
     # The workflow: a value passed on ({{ greet.greeting }} → shout), the failure routed to its
     # handler by a call.error arc, and the execution still failed, as on the real Python server.
     assert re.search(r"^shout\s+success\s+\{\"loud\": \"HELLO NOETL!\"\}", out, flags=re.MULTILINE), out
-    assert re.search(r"^risky\s+error\s+\(none: command exited with code 3\)", out, flags=re.MULTILINE), out
+    assert re.search(
+        r"^risky\s+error\s+\(none: shell command exited with returncode=3: ", out, flags=re.MULTILINE
+    ), out
     assert re.search(r"^handler\s+success\s+", out, flags=re.MULTILINE), out
     assert "demo: workflow demo/flow ended playbook.failed after its handler ran; values passed" in out
