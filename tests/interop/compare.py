@@ -18,9 +18,8 @@ from .harness import Run
 _SERVER_ROWS = ("events.batch", "workflow")
 # fields the server adds to a stored step result itself
 _SERVER_FIELDS = frozenset({"context"})
-# events whose presence depends on timing, not on behaviour: noetl's own worker sends
-# `command.heartbeat` while a command runs long (the server only persists it); ours does not
-# (docs/compatibility.md)
+# events whose presence depends on timing, not on behaviour: both workers send
+# `command.heartbeat` while a command runs long, so whether a step has one depends on the load
 _TIMING_EVENTS = frozenset({"command.heartbeat"})
 
 
