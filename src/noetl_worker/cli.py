@@ -1,4 +1,5 @@
-"""``noetl-worker`` / ``python -m noetl_worker``: run (default), demo, config, --version."""
+"""``noetl-worker`` / ``python -m noetl_worker``: run (default), demo, config, tool run, watch,
+--version."""
 
 from __future__ import annotations
 
@@ -28,7 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DSN",
         help="also run a postgres command against this database, e.g. postgresql://postgres@127.0.0.1/test",
     )
+    from . import tool_run
+
+    tool_run.add_parser(sub)
+    watch = sub.add_parser("watch", help="follow a worker's GET /events stream (WORKER_EVENTS_STREAM=true)")
+    watch.add_argument("url", nargs="?", help="the stream, default ws://127.0.0.1:9090/events")
     args = parser.parse_args(argv)
+    if args.command == "watch":
+        from .watch import main as watch_main
+
+        return watch_main(args.url)
 
     from .config import Settings
 
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import logs
 
     logs.configure(settings.log_level, settings.log_format, settings.worker_id)
+    if args.command == "tool":
+        return tool_run.main(args, settings)
     if args.command == "demo":
         from .demo import run_demo
 

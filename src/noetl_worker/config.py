@@ -88,6 +88,7 @@ class Settings:
     deliver_window: float = DEFAULT_DELIVER_WINDOW
     claim_max_bytes: int = DEFAULT_CLAIM_MAX_BYTES
     server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
+    events_stream: bool = False  # GET /events on the metrics port
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +130,7 @@ class Settings:
             "NATS_DELIVER_POLICY": self.deliver_policy,
             "NATS_DELIVER_WINDOW_SECONDS": self.deliver_window,
             "NOETL_CLAIM_MAX_BYTES": self.claim_max_bytes,
+            "WORKER_EVENTS_STREAM": self.events_stream,
         }
 
 
@@ -249,6 +251,7 @@ def _load(env: Env) -> Settings:
             "NOETL_CLAIM_MAX_BYTES", DEFAULT_CLAIM_MAX_BYTES, minimum=1024, maximum=2**40
         ),
         server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
+        events_stream=env.flag("WORKER_EVENTS_STREAM", False),
     )
 
 

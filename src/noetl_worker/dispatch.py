@@ -43,6 +43,7 @@ from .control_plane import (
 )
 from .dialect import Dialect, Dialects, Reported, dialect_for_command
 from .errors import BusError, ControlPlaneError, HTTPStatusError, ToolConfigError, ToolError
+from .event_stream import LifecycleSink, NoLifecycle
 from .events import Event, EventFactory
 from .metrics import Metrics
 from .notification import Notification
@@ -214,6 +215,8 @@ class Runtime:
     ack_wait: Callable[[], float] = lambda: 30.0
     dialects: Dialects = attrs.field(factory=lambda: Dialects("python"))
     running: set[int] = attrs.field(factory=set)  # event ids of commands running in this process
+    # The operator event stream (GET /events); a no-op unless WORKER_EVENTS_STREAM is on.
+    lifecycle: LifecycleSink = attrs.field(factory=NoLifecycle)
 
 
 def _variables(command: Command, settings: Settings) -> dict[str, Any]:
@@ -343,6 +346,7 @@ async def _claim_and_run(
         command = Command.from_claim(note, server_url, outcome.command)
     except Exception as exc:  # an answer of the right shape with values no command has
         return await _claim_and_run_invalid(rt, note, server_url, f"{type(exc).__name__}: {exc}")
+    rt.lifecycle.claimed(command)
     rt.metrics.concurrent.inc()
     start = trio.current_time()
     try:
@@ -522,6 +526,7 @@ async def _report(
     rt: Runtime, command: Command, batch: list[Event], *, batch_ok: bool = True
 ) -> tuple[str, float]:
     """Deliver the terminal events; settle according to what the server said."""
+    rt.lifecycle.reported(command, batch)
     with trio.move_on_after(TERMINAL_PATIENCE) as patience:
         try:
             if batch_ok:

@@ -1,4 +1,5 @@
-"""The worker's only listening socket: /metrics, /healthz, /readyz (a tiny ASGI dispatcher).
+"""The worker's only listening socket: /metrics, /healthz, /readyz, and the ``/events`` websocket
+(a tiny ASGI dispatcher).
 
 hypercorn's lifespan protocol is answered here, since ``prometheus_client.make_asgi_app`` cannot be
 the root app (it asserts ``scope["type"] == "http"``).
@@ -16,6 +17,8 @@ from prometheus_client import make_asgi_app
 
 from .config import Bind
 from .errors import WorkerError
+from .event_stream import PATH as EVENTS_PATH
+from .event_stream import EventHub, serve_events
 from .metrics import Metrics
 
 
@@ -41,7 +44,7 @@ async def answer_lifespan(receive: Receive, send: Send) -> None:
 
 
 def make_app(
-    metrics: Metrics, readiness: Callable[[], tuple[bool, str]]
+    metrics: Metrics, readiness: Callable[[], tuple[bool, str]], events: EventHub | None = None
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     metrics_app = make_asgi_app(registry=metrics.registry)
 
@@ -58,6 +61,13 @@ def make_app(
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await answer_lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            if scope["path"] == EVENTS_PATH:
+                await serve_events(events, receive, send)
+            else:
+                await receive()
+                await send({"type": "websocket.close", "code": 1008, "reason": "not found"})
             return
         if scope["type"] != "http":
             return

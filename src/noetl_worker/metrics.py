@@ -131,6 +131,27 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.tool_operations = Counter(
+            "noetl_worker_tool_operations_total",
+            "Operations run by the nats, mcp, result_fetch, transfer and websocket tools,"
+            " by tool kind, operation and status.",
+            ["tool_kind", "operation", "status"],
+            registry=r,
+        )
+        self.transfer_rows = Counter(
+            "noetl_worker_transfer_rows_total",
+            "Rows moved by the transfer tool, by direction (read, written).",
+            ["direction"],
+            registry=r,
+        )
+        self.events_stream_clients = Gauge(
+            "noetl_worker_events_stream_clients", "Clients connected to GET /events now.", registry=r
+        )
+        self.events_stream_dropped = Counter(
+            "noetl_worker_events_stream_dropped_total",
+            "GET /events clients disconnected because they fell behind (queue full).",
+            registry=r,
+        )
         self.ready = Gauge("noetl_worker_ready", "1 when /readyz answers 200.", registry=r)
         self.server_url_rejected = Counter(
             "noetl_worker_server_url_rejected_total",
@@ -168,3 +189,10 @@ class Metrics:
 
     def put_failed(self) -> None:
         self.put_errors.inc()
+
+    def tool_operation(self, kind: str, operation: str, status: str) -> None:
+        self.tool_operations.labels(kind, operation, status).inc()
+
+    def transfer_rows_moved(self, read: int, written: int) -> None:
+        self.transfer_rows.labels("read").inc(read)
+        self.transfer_rows.labels("written").inc(written)

@@ -32,6 +32,7 @@ from .control_plane import ControlPlane
 from .dialect import HEALTH_PATH, PROBE_TIMEOUT, Dialects
 from .dispatch import Hooks, Runtime, handle_message, pool_mismatch
 from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationError
+from .event_stream import EventHub, Lifecycle
 from .http_server import BindError, make_app, serve_http
 from .metrics import Metrics
 from .notification import parse_notification
@@ -62,6 +63,7 @@ class WorkerState:
     bus: Bus | None = None
     urls: list[str] = attrs.field(factory=list)
     runtime: Runtime | None = None
+    events: EventHub | None = None  # GET /events, when WORKER_EVENTS_STREAM is on
     stop: trio.Event = attrs.field(factory=trio.Event)
     started: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)  # set the first time /readyz turns 200
@@ -161,13 +163,16 @@ async def serve(
             plane=plane,
             metrics=metrics,
             ids=SnowflakeGenerator(settings.snowflake_node_id, settings.snowflake_epoch_ms),
-            resources=ToolResources(),
+            resources=ToolResources(metrics=metrics),
             hooks=hooks,
             slots=trio.CapacityLimiter(settings.max_concurrent),
             waiting=trio.CapacityLimiter(settings.max_waiting),
             ack_wait=lambda: float(bus.ack_wait),
             dialects=Dialects(settings.server_dialect, fetch=partial(_health, plane)),
         )
+        if settings.events_stream:
+            state.events = EventHub(metrics)
+            rt.lifecycle = Lifecycle(state.events, settings.worker_id)
         state.runtime = rt
         log.info(
             "noetl-worker starting",
@@ -211,7 +216,7 @@ async def _run_tree(
     handle_signals: bool,
     http: bool,
 ) -> None:
-    app = make_app(metrics, state.readiness)
+    app = make_app(metrics, state.readiness, state.events)
     http_stop = trio.Event()
     async with trio.open_nursery() as root:
         if http:

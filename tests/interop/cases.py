@@ -297,6 +297,14 @@ def arc_set_ctx(run: Run, env: Env) -> None:
     assert _done(run, "high")["picked"] == "seven"
 
 
+def nats_kv(run: Run, env: Env) -> None:
+    put = _done(run, "put")
+    assert put["status"] == "success" and put["bucket"] == "interop_kv" and put["revision"] == 1
+    got = _done(run, "get")
+    assert got["status"] == "success" and got["value"] == {"n": 17, "note": "kept"}
+    assert _done(run, "use")["n_plus_one"] == 18
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -365,6 +373,7 @@ CASES: tuple[Case, ...] = (
         "inclusive_fanout", "completed", inclusive_fanout, ran=("start", "left", "right"), not_ran=("never",)
     ),
     Case("arc_set_ctx", "completed", arc_set_ctx, ran=("start", "high"), not_ran=("low",)),
+    Case("nats_kv", "completed", nats_kv, ran=("start", "put", "get", "use")),
 )
 
 BY_NAME = {c.name: c for c in CASES}

@@ -18,6 +18,9 @@ from .harness import Run
 _SERVER_ROWS = ("events.batch", "workflow")
 # fields the server adds to a stored step result itself
 _SERVER_FIELDS = frozenset({"context"})
+# events whose presence depends on timing, not on behaviour: both workers send
+# `command.heartbeat` while a command runs long, so whether a step has one depends on the load
+_TIMING_EVENTS = frozenset({"command.heartbeat"})
 
 
 @attrs.frozen
@@ -49,7 +52,7 @@ class Diff:
 
 def workflow_steps(run: Run) -> dict[str, list[str]]:
     return {
-        step: types
+        step: [t for t in types if t not in _TIMING_EVENTS]
         for step, types in run.step_types().items()
         if step not in _SERVER_ROWS and step != run.path and step
     }

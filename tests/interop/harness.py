@@ -504,6 +504,10 @@ class Stack:
                 "NOETL_AUTO_RESUME_ENABLED": "false",
                 "NOETL_COMMAND_REAPER_ENABLED": "true",
                 "NOETL_DATA_DIR": str(self.workdir / "data"),
+                # one addition to the documented set: the machine's PostgreSQL (max_connections
+                # 100) is shared by every test run on it, and a server's pool may grow to 32 + 4
+                # connections; 8 is plenty for the suite and keeps several stacks under the limit
+                "NOETL_POSTGRES_POOL_MAX_SIZE": "8",
                 **self._nats_env("noetl_worker_pool"),
             }
         )

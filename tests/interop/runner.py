@@ -27,7 +27,12 @@ class Runner:
         return Env(target=self.target, data_dir=stack.workdir / "data", stack=stack)
 
     def payload(self, case: Case, worker: str) -> dict[str, object]:
-        return {"base_url": self.target.url, "data_dir": str(self.env(worker).data_dir), **case.payload}
+        return {
+            "base_url": self.target.url,
+            "data_dir": str(self.env(worker).data_dir),
+            "nats_url": self.stacks[worker].nats_url,  # the stack's own NATS, for nats steps
+            **case.payload,
+        }
 
     def start_all(self) -> None:
         if self.futures:

@@ -31,6 +31,12 @@ _BUILTIN: dict[str, str] = {
     "duckdb": "noetl_worker.tools.duckdb",
     "playbook": "noetl_worker.tools.playbook",
     "workbook": "noetl_worker.tools.workbook",
+    "nats": "noetl_worker.tools.nats",
+    "mcp": "noetl_worker.tools.mcp",
+    "result_fetch": "noetl_worker.tools.result_fetch",
+    "artifact": "noetl_worker.tools.artifact",
+    "transfer": "noetl_worker.tools.transfer",
+    "websocket": "noetl_worker.tools.websocket",
 }
 _loaded: dict[str, ToolFunction] = {}
 

@@ -61,6 +61,12 @@ import re  # noqa: F401  # isort: skip
 import time  # noqa: F401  # isort: skip
 import urllib.parse  # noqa: F401  # isort: skip
 
+# Run as a script, this file's directory (the tools package) is sys.path[0]. Drop it, or the
+# tool modules next to it would shadow what step code imports: tools/http.py hid the standard
+# library's http (so ``import urllib.request`` and requests failed), tools/nats.py hides nats-py.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 CALL_FD = 3
 _MAX_DEPTH = 200
 

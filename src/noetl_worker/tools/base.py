@@ -100,11 +100,20 @@ class ServerAPI(Protocol):
 T = TypeVar("T")
 
 
+class ToolMetrics(Protocol):
+    """What a tool may count (``noetl_worker_tool_operations_total``), labelled by its kind."""
+
+    def tool_operation(self, kind: str, operation: str, status: str) -> None: ...
+
+    def transfer_rows_moved(self, read: int, written: int) -> None: ...
+
+
 @attrs.define(eq=False)
 class ToolResources:
     """Long-lived resources tools share across commands (connection pools, a warm python
     interpreter, ...). Created lazily on first use, closed once when the worker shuts down."""
 
+    metrics: ToolMetrics | None = None
     _items: dict[str, Any] = attrs.field(factory=dict)
     _closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list)
     _locks: dict[str, trio.Lock] = attrs.field(factory=dict)

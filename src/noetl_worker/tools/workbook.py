@@ -120,7 +120,7 @@ def _parse_content(content: Any) -> Mapping[str, Any]:
     if not isinstance(content, str) or not content.strip():
         raise _LookupFailed("the catalog entry has neither a parsed payload nor content")
     try:
-        import yaml  # type: ignore[import-untyped]
+        import yaml
     except ImportError:
         raise _LookupFailed("the catalog entry has no parsed payload, and PyYAML is not installed") from None
     try:
