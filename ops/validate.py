@@ -470,9 +470,16 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE) -> list[str]:
         problems.append("not multi-stage: expected a build stage and a runtime stage")
     if "python:3.12-slim" not in args + " ".join(froms):
         problems.append("the base image is not python:3.12-slim")
+    if not re.search(r"python:3\.12-slim@sha256:[0-9a-f]{64}\b", args + " ".join(froms)):
+        problems.append("the base image is not pinned by digest (python:3.12-slim@sha256:<64 hex>)")
     runs = " ".join(by_name.get("RUN", []))
     if "pip wheel --no-deps" not in runs:
         problems.append("stage 1 does not build the wheel with `pip wheel --no-deps`")
+    locked = re.search(r"pip install --require-hashes [^&]*-r \S*runtime\.txt", runs)
+    if not locked or "requirements/runtime.txt" not in runs:
+        problems.append("the runtime stage does not install requirements/runtime.txt with --require-hashes")
+    if not re.search(r"pip install --no-deps /wheels/", runs):
+        problems.append("the project wheel is not installed with --no-deps (its dependencies come from the lock)")
     _expect(problems, "USER", by_name.get("USER", [""])[-1].split(":")[0], "10001")
     entry = by_name.get("ENTRYPOINT", [""])[-1]
     try:

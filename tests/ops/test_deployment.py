@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -393,6 +394,22 @@ def test_dockerfile_meets_the_runtime_contract(tmp_path: Path) -> None:
     broken.write_text(text.replace('["python", "-m", "noetl_worker"]', "python -m noetl_worker"))
     problems = " ".join(v.check_dockerfile(broken))
     assert "USER" in problems and "exec form" in problems
+
+
+def test_dockerfile_check_wants_a_digest_pin_and_the_hashed_lock(tmp_path: Path) -> None:
+    text = v.DOCKERFILE.read_text()
+    unpinned = tmp_path / "Dockerfile"
+    unpinned.write_text(re.sub(r"@sha256:[0-9a-f]{64}", "", text))
+    assert any("pinned by digest" in p for p in v.check_dockerfile(unpinned))
+    unlocked = tmp_path / "Dockerfile.unlocked"
+    unlocked.write_text(text.replace("--require-hashes ", ""))
+    assert any("--require-hashes" in p for p in v.check_dockerfile(unlocked))
+
+
+def test_build_context_carries_the_runtime_lock(tmp_path: Path) -> None:
+    copied = v.build_context(tmp_path / "context")
+    assert "requirements/runtime.txt" in copied and "LICENSE" in copied
+    assert "requirements/ci.txt" not in copied
 
 
 def test_docker_build_context_builds_the_wheel(tmp_path: Path) -> None:
