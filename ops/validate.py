@@ -11,7 +11,8 @@ No cluster, helm binary or docker engine is needed:
 * the Dockerfile with ``hadolint`` and a contract check, the YAML with ``yamllint``;
 * the kind overlay with ``kubectl kustomize`` when kubectl exists (reported as
   skipped otherwise) plus a drift check of its committed base against the chart;
-* the Grafana dashboard's queries against the worker's metric inventory.
+* the Grafana dashboard's queries against the worker's metric inventory, and parsed by
+  Prometheus' own parser (``promtool check rules``; Debian's ``prometheus`` package).
 
 Usage (from the repository root, with the dev venv)::
 
@@ -96,6 +97,13 @@ WORKER_METRICS = frozenset(
     }
 )
 HISTOGRAMS = frozenset(m for m in WORKER_METRICS if m.endswith("_seconds"))
+METRICS_DOC = ROOT / "docs" / "metrics.md"
+
+
+def documented_metrics(path: Path = METRICS_DOC) -> dict[str, str]:
+    """Metric name → type, from docs/metrics.md's inventory table (ours and the Rust worker's)."""
+    found = re.findall(r"^\| `(noetl_[a-z0-9_]+)` \| ([a-z]+)", path.read_text(), flags=re.MULTILINE)
+    return dict(found)
 
 Doc = dict[str, Any]
 
@@ -716,6 +724,9 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
     queries = dashboard_queries(path)
     if not queries:
         return ["no panel has a query"]
+    documented = documented_metrics()
+    known = WORKER_METRICS | set(documented)
+    histograms = HISTOGRAMS | {m for m, kind in documented.items() if kind == "histogram"}
     for title, exprs in queries.items():
         for expr in exprs:
             depth = 0
@@ -727,7 +738,7 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
                 problems.append(f"{title}: unbalanced brackets in {expr}")
             for name in re.findall(r"\bnoetl_[a-z0-9_]+", expr):
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
-                if name not in WORKER_METRICS and not (base in HISTOGRAMS and base != name):
+                if name not in known and not (base in histograms and base != name):
                     problems.append(f"{title}: unknown metric {name}")
     joined = "\n".join(e for exprs in queries.values() for e in exprs)
     required = {
@@ -739,11 +750,66 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
         "consumer pending": r"noetl_worker_nats_consumer_pending",
         "consumer ack pending": r"noetl_worker_nats_consumer_ack_pending",
         "in-flight": r"noetl_worker_concurrent_dispatches",
+        "commands by status": r"sum by \(status\) \(rate\(noetl_worker_commands_total",
+        "saturation (configured concurrency)": r"noetl_worker_concurrency_limit",
+        "readiness": r"noetl_worker_ready",
+        "task restarts": r"noetl_worker_task_restarts_total",
+        "poison messages": r"noetl_worker_poison_messages_total",
+        "emit retries": r"noetl_worker_event_emit_retries_total",
     }
     for what, pattern in required.items():
         if not re.search(pattern, joined):
             problems.append(f"no panel shows {what} ({pattern})")
+    # $pool must not depend on a relabeled target label: it reads what the worker exports.
+    variables = {t.get("name"): t for t in (board.get("templating") or {}).get("list", [])}
+    pool_query = json.dumps((variables.get("pool") or {}).get("query"))
+    if "noetl_worker_concurrency_limit" not in pool_query or "worker_pool" not in pool_query:
+        problems.append("$pool does not read worker_pool from noetl_worker_concurrency_limit")
+    for title, exprs in queries.items():
+        for expr in exprs:
+            if "$pool" in expr and 'worker_pool=~"$pool"' not in expr:
+                problems.append(f"{title}: selects $pool by a label the worker does not export")
     return problems
+
+
+# Grafana's variables, replaced by what "All" and a 1-minute step would give.
+GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "1m", "$namespace": ".*", "$pool": ".*"}
+
+
+def promql(expr: str) -> str:
+    """A dashboard expression as plain PromQL (Grafana variables substituted)."""
+    for variable, value in GRAFANA_SUBSTITUTIONS.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def promtool_check(path: Path = DASHBOARD) -> list[str]:
+    """Parse every dashboard query with Prometheus' own parser: `promtool check rules` on a rules
+    file holding one recording rule per query."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        raise ToolMissing("promtool not found; install it with `apt-get install prometheus` (Debian)")
+    yaml = _yaml()
+    rules = [
+        {"record": f"dashboard:panel{i}:query{j}", "expr": promql(expr)}
+        for i, exprs in enumerate(dashboard_queries(path).values())
+        for j, expr in enumerate(exprs)
+    ]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_file = Path(tmp) / "dashboard-rules.yaml"
+        rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        run = subprocess.run(
+            [promtool, "check", "rules", str(rules_file)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    if run.returncode:
+        return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    return []
 
 
 # --------------------------------------------------------------------- main
@@ -823,6 +889,7 @@ def run_checks() -> int:
                 lambda: check_kind_overlay(overlay) + validate_kubernetes(overlay, KUBE_VERSIONS[-1]),
             )
     guarded("grafana dashboard", check_dashboard)
+    guarded("grafana dashboard queries (promtool check rules)", promtool_check)
     print(f"{'FAILED' if failed else 'OK'}: {failed} check(s) failed")
     return 1 if failed else 0
 
