@@ -29,6 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 
 from .config import Settings
 from .errors import BusError
+from .retry import NATS_RECONNECT_WAIT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,7 +134,7 @@ class Bus:
             "connect_timeout": 5,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
+            "reconnect_time_wait": NATS_RECONNECT_WAIT,
             "ping_interval": 20,
             "max_outstanding_pings": 3,
             "error_cb": error_cb,

@@ -44,6 +44,7 @@ from .errors import BusError, ControlPlaneError, HTTPStatusError, ToolConfigErro
 from .events import Event, EventFactory
 from .metrics import Metrics
 from .notification import Notification
+from .retry import TERMINAL_RETRY
 from .snowflake import SnowflakeGenerator
 from .tools.base import ToolContext, ToolResources, ToolResult
 
@@ -54,7 +55,6 @@ WAITING_KINDS = frozenset({"playbook"})
 WAITING_DEFAULT_TIMEOUT = 300.0  # the playbook tool's own default
 WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
-TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
 NAK_DELAY_SHUTDOWN = 0.0
 
 

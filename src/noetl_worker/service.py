@@ -34,6 +34,7 @@ from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationEr
 from .http_server import make_app, serve_http
 from .metrics import Metrics
 from .notification import parse_notification
+from .retry import Backoff
 from .snowflake import SnowflakeGenerator
 from .tools.base import ToolResources
 
@@ -71,23 +72,6 @@ class WorkerState:
         if trio.current_time() - self.last_heartbeat > max(3 * self.heartbeat_interval, 30.0):
             return False, "no heartbeat accepted recently"
         return True, "ready"
-
-
-class Backoff:
-    """Capped exponential backoff with jitter, reset on success."""
-
-    def __init__(self, initial: float = 0.25, cap: float = 10.0) -> None:
-        self.initial, self.cap, self.current = initial, cap, initial
-
-    def reset(self) -> None:
-        self.current = self.initial
-
-    def next(self) -> float:
-        import random
-
-        delay = self.current
-        self.current = min(self.cap, self.current * 2)
-        return delay / 2 + random.uniform(0, delay / 2)
 
 
 async def supervise(name: str, fn: Callable[[], Awaitable[None]], metrics: Metrics) -> None:
