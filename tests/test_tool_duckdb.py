@@ -100,3 +100,38 @@ async def test_concurrent_calls_on_one_file_each_use_their_own_connection(
             nursery.start_soon(partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n]))
     result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n", as_objects=False)
     assert result.data["rows"] == [[0], [1], [2], [3]]
+
+
+async def test_scripts_are_split_by_duckdbs_own_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A valid script never reaches the hand-written splitter: DuckDB's extract_statements cuts it.
+    from noetl_worker.tools import _sql
+
+    def refuse(script: str) -> list[str]:
+        raise AssertionError("the hand-written splitter was used for a valid DuckDB script")
+
+    monkeypatch.setattr(_sql, "split_statements", refuse)
+    result = await _run(
+        query=[
+            "CREATE MACRO twice(x) AS x * 2; /* a ; in a /* nested */ comment */ "
+            "SELECT twice(21) AS v, 'it''s; fine' AS s, $tag$ a;b $tag$ AS d;",
+            "PRAGMA version; SELECT [1, 2] AS l, {'k': 'v;w'} AS st",
+        ]
+    )
+    assert result.status == "success", result.error
+    statements = result.data["statements"]
+    assert len(statements) == 4
+    assert statements[1]["rows"] == [{"v": 42, "s": "it's; fine", "d": " a;b "}]
+    assert statements[3]["rows"] == [{"l": [1, 2], "st": {"k": "v;w"}}]
+
+
+async def test_a_statement_that_does_not_parse_is_named() -> None:
+    result = await _run(query="SELECT 1; SELECT 2; SELEC oops; SELECT 4")
+    assert result.status == "error"
+    assert result.data["statement_index"] == 2
+    assert "ParserException" in result.data["message"]
+    assert "statement 3 of 4" in (result.error or "")
+
+
+async def test_a_script_of_only_comments_holds_no_statement() -> None:
+    with pytest.raises(ToolConfigError, match="holds no SQL statement"):
+        await _run(query="-- nothing here\n/* nor here */")
