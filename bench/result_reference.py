@@ -1,9 +1,9 @@
-"""Bench: a ~50 MB tabular tool result through build_call_done_result (issue 3).
+"""Bench: a ~50 MB tabular tool result through build_call_done_result.
 
 In-process fake server whose PUT serialises the body as an HTTP client would; a real IpcCache
 in /dev/shm. Prints wall times per phase and peak RSS. Run from the repository root:
 
-    PYTHONPATH=src /work/venv-dev/bin/python bench/result_reference.py [--mb 50] [--raw]
+    .venv/bin/python bench/result_reference.py [--mb 50] [--raw]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Worker throughput, CPU per command, publish→claim latency and idle cost (issue 2, DESIGN.md §6).
+"""Worker throughput, CPU per command, publish→claim latency and idle cost (targets in docs/performance.md).
 
 Run from the repository root:
 
-    /work/venv-dev/bin/python bench/throughput.py [--commands 500] [--concurrency 16] [--rate 20]
+    .venv/bin/python bench/throughput.py [--commands 500] [--concurrency 16] [--rate 20]
 
 The bench process runs an embedded nats-server and the stub control plane; the worker runs as a
 separate process (``python -m noetl_worker``) so its CPU (utime + stime from /proc) is measured

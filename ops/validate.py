@@ -78,7 +78,7 @@ NATS_JETSTREAM_KEYS = frozenset(
 )
 NATS_JETSTREAM_REQUIRED = ("natsServerMonitoringEndpoint", "account", "stream", "consumer")
 
-# The command worker's metric families (upstream-rust-worker.md §7.2).
+# The Rust worker's command-worker metric families (same names: its dashboards keep working).
 WORKER_METRICS = frozenset(
     {
         "noetl_worker_pulls_total",

@@ -4,7 +4,7 @@ nats-py is asyncio code; every call crosses the trio-asyncio bridge here (``aio_
 rest of the worker sees a small trio API and only ``BusError``. Must be used inside
 ``trio_asyncio.open_loop()`` (``service.serve`` opens it at the root).
 
-Pitfalls handled here (see spec/trio-notes.md §1): an empty fetch raises a timeout instead of
+Pitfalls of nats-py handled here: an empty fetch raises a timeout instead of
 returning ``[]``; a fetch in flight during an outage only fails at its own timeout, so fetches are
 short and watched by a trio deadline; the connection is drained in a shielded scope.
 """

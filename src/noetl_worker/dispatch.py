@@ -5,7 +5,7 @@ Event order (both servers):
 - tool raised / invalid config / pre-dispatch failure: command.started → call.error → command.failed
 - a case with ``then: fail``: command.started → call.done → command.failed
 
-Decisions (DESIGN.md §4):
+Decisions (docs/architecture.md, "Design decisions"):
 - The NATS message is acked only once the terminal event is accepted; an in-progress ack keeps
   it alive every ack_wait/3 meanwhile; cancellation at the drain deadline naks it.
 - A tool that finishes within ``COALESCE_WINDOW`` has its ``command.started`` sent together with
@@ -147,7 +147,8 @@ class Command:
         return 0, 0
 
     def tool_config(self) -> dict[str, Any]:
-        """upstream-rust-worker.md §4.1, plus the Python server's ``input`` block."""
+        """The tool config as the Rust worker builds it (``context.tool_config``, ``args``), plus the
+        Python server's ``input`` block."""
         raw = self.context.get("tool_config")
         if isinstance(raw, Mapping):
             config = dict(raw)
@@ -494,7 +495,8 @@ class _StartedSender:
 
 @asynccontextmanager
 async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
-    """Give the execution slot back while a tool only waits on the server (DESIGN.md §4.10)."""
+    """Give the execution slot back while a tool only waits on the server ("waiting is not
+    working", docs/architecture.md)."""
     async with rt.waiting:
         rt.slots.release_on_behalf_of(token)
         try:

@@ -1,7 +1,7 @@
 """The worker's only listening socket: /metrics, /healthz, /readyz (a tiny ASGI dispatcher).
 
 hypercorn's lifespan protocol is answered here, since ``prometheus_client.make_asgi_app`` cannot be
-the root app (it asserts ``scope["type"] == "http"``), see spec/trio-notes.md §3.
+the root app (it asserts ``scope["type"] == "http"``).
 """
 
 from __future__ import annotations

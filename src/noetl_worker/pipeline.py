@@ -1,9 +1,9 @@
 """The full per-command pipeline around a tool (the ``dispatch.Hooks`` the worker runs with):
 
 1. reference envelopes in the claim context resolved (the Python server sends any context field
-   over 8 KiB as a ``result_ref``), then step references the templates need (§3.9);
+   over 8 KiB as a ``result_ref``), then step references the templates need;
 2. credential aliases and ``{{ keychain.… }}`` references resolved, secrets collected;
-3. the tool result scrubbed and sent inline, or stored and sent as a reference (§3.6);
+3. the tool result scrubbed and sent inline, or stored and sent as a reference;
 4. ``context.cases`` evaluated: ``exit`` → ``step.exit``, ``set_var`` → ``POST /api/vars``,
    ``fail`` → ``command.failed``.
 """

@@ -1,4 +1,4 @@
-"""The task tree (DESIGN.md §2): startup and shutdown order.
+"""The task tree (README.md, "The task tree"): startup and shutdown order.
 
     serve(settings)                 trio_asyncio loop at the root; signals
     └── root nursery

@@ -3,7 +3,7 @@
 This file is executed as a standalone script by the interpreter a step asks for, so it imports
 nothing from ``noetl_worker`` and only the standard library.
 
-Protocol (one long-lived server process per interpreter, DESIGN of ``tools/_forkserver.py``):
+Protocol (one long-lived server process per interpreter; see ``tools/_forkserver.py``):
 
 - ``<fd>`` is a ``SOCK_SEQPACKET`` unix socket to the worker. The server writes ``b"R"`` once its
   imports are done. Each request is one packet ``b"C"`` carrying three file descriptors

@@ -7,7 +7,8 @@ execution when absent), ``wait`` (true; false = fire-and-forget, returning the e
 
 ``POST /api/execute`` starts the child; ``GET /api/executions/{id}/status`` is polled until it
 reports ``completed`` or ``failed`` (booleans, or a ``status`` string). While polling, the
-worker's execution slot is given back (DESIGN.md §4.10): the child's own commands may need it.
+worker's execution slot is given back ("waiting is not working", docs/architecture.md): the
+child's own commands may need it.
 Transport errors and retryable statuses (408, 425, 429, 5xx) are retried with capped backoff,
 honouring ``Retry-After``; other 4xx answers end the tool with status ``error``.
 """
