@@ -105,6 +105,7 @@ def documented_metrics(path: Path = METRICS_DOC) -> dict[str, str]:
     found = re.findall(r"^\| `(noetl_[a-z0-9_]+)` \| ([a-z]+)", path.read_text(), flags=re.MULTILINE)
     return dict(found)
 
+
 Doc = dict[str, Any]
 
 
