@@ -40,6 +40,16 @@ def test_retry_after_is_a_floor_capped_by_max_retry_after() -> None:
     assert 0.125 <= policy.delay(1, retry_after=0.0) <= 0.25  # a smaller ask never shortens it
 
 
+def test_a_loop_failing_for_hours_keeps_its_cap() -> None:
+    # Attempt numbers grow without bound in retry-until-success loops (NATS down for a day).
+    policy = RetryPolicy(initial=0.25, cap=10.0)
+    for attempt in (1_025, 100_000, 10**9):
+        assert 5.0 <= policy.delay(attempt) <= 10.0
+    backoff = Backoff(0.25, 10.0)
+    backoff.failures = 50_000
+    assert 5.0 <= backoff.next() <= 10.0
+
+
 def test_backoff_grows_and_resets() -> None:
     backoff = Backoff(0.5, 4.0)
     waits = [backoff.next() for _ in range(6)]

@@ -37,7 +37,9 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """The capped exponential before jitter, for retry number ``attempt`` (1-based)."""
-        return float(min(self.cap, self.initial * 2 ** max(0, attempt - 1)))
+        # The exponent is bounded: a loop that has failed for hours (attempt in the thousands)
+        # must not overflow a float; 2**62 is past any cap.
+        return float(min(self.cap, self.initial * 2.0 ** min(max(0, attempt - 1), 62)))
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """The wait before retry number ``attempt`` (1-based): equal jitter over the backoff,
