@@ -65,7 +65,7 @@ def main() -> None:
     attempts = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     measure("hand-written", hand_written, attempts)
     try:
-        import stamina  # noqa: F401
+        import stamina
     except ImportError:
         print("stamina             not installed: `.venv/bin/pip install stamina` to compare")
         return
