@@ -14,7 +14,7 @@ import attrs
 import trio
 
 from noetl_worker.config import normalize_server_url
-from noetl_worker.control_plane import AlreadyClaimed, Claimed, ClaimOutcome
+from noetl_worker.control_plane import AlreadyClaimed, Claimed, ClaimOutcome, Response
 from noetl_worker.errors import HTTPStatusError, TransportError
 from noetl_worker.events import Event
 
@@ -117,7 +117,14 @@ class FakePlane:
     heartbeat_status: Callable[[], int] = lambda: 200
     register_failures: int = 0  # the server is down for this many registration attempts
     default_url: str = "http://server"
+    # GET /api/health, which the worker's dialect probe reads: the Python server's by default.
+    health: tuple[int, bytes] = (200, b'{"status":"ok"}')
     changed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def request(self, method: str, server_url: str | None, path: str, **_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        assert (method, path) == ("GET", "/api/health"), (method, path)
+        return Response(self.health[0], self.health[1], {})
 
     def base(self, server_url: str | None) -> str:
         return normalize_server_url(server_url) if server_url else self.default_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -64,13 +65,33 @@ async def test_commands_run_end_to_end(
             assert 'noetl_worker_pulls_total{outcome="claimed"} 2.0' in metrics
             assert 'noetl_worker_dispatch_duration_seconds_count{tool_kind="shell"} 1.0' in metrics
 
+    python = stub.state.flavor == "python"
+    # The worker told the servers apart by GET /api/health (NOETL_SERVER_DIALECT=auto).
+    assert stub.state.requests_to(r"^/api/health$", "GET")
     for command in (noop, shell):
-        assert worker_events(stub, command) == ["command.started", "call.done", "command.completed"]
+        expected = (
+            ["command.started", "step.enter", "call.done", "step.exit", "command.completed"]
+            if python
+            else ["command.started", "call.done", "command.completed"]
+        )
+        assert worker_events(stub, command) == expected
         assert stub.state.command(command.event_id).status == "COMPLETED"  # type: ignore[union-attr]
     (done,) = payloads(stub, shell, "call.done")
-    assert done["result"]["status"] == "success"
-    assert done["result"]["context"]["data"]["stdout"] == "hello\n"
-    assert payloads(stub, noop, "call.done")[0]["result"]["context"]["data"] == {"x": 1}
+    stored = stub.state.step_results[shell.execution_id]["greet"]
+    if python:
+        # noetl's own worker: the tool's value as `response`, a bounded envelope as `result`.
+        assert done["result"] == {"status": "COMPLETED"}
+        assert done["response"]["stdout"] == "hello\n" and done["response"]["returncode"] == 0
+        assert stored == done["response"]
+        assert (
+            stub.state.step_results[noop.execution_id]["hello"]
+            == payloads(stub, noop, "call.done")[0]["response"]
+        )
+    else:
+        assert done["result"]["status"] == "success"
+        assert done["result"]["context"]["data"]["stdout"] == "hello\n"
+        assert payloads(stub, noop, "call.done")[0]["result"]["context"]["data"] == {"x": 1}
+        assert stored == done["result"]["context"]["data"]
     # Fast commands: claim + one batch call (started, call.done, completed) each.
     assert len(stub.state.requests_to(r"^/api/events/batch$", "POST")) == 2
     assert not stub.state.requests_to(r"^/api/events$", "POST")
@@ -90,7 +111,16 @@ async def test_a_slow_command_reports_started_before_it_ends(
             await stub.state.wait_for(lambda: "command.started" in stub.state.event_types(command), 10)
             assert not stub.state.command(command.event_id).terminal  # type: ignore[union-attr]
             await stub.state.wait_terminal([command], timeout=10)
-    assert worker_events(stub, command) == ["command.started", "call.done", "command.completed"]
+    assert worker_events(stub, command) == [
+        "command.started",
+        "step.enter",
+        "call.done",
+        "step.exit",
+        "command.completed",
+    ]
+    # Sent before the tool ended: the start events in a call of their own.
+    first = stub.state.requests_to(r"^/api/events/batch$", "POST")[0].body
+    assert [e["event_type"] for e in first["events"]] == ["command.started", "step.enter"]
 
 
 async def test_bare_legacy_subject_and_routed_subjects_reach_a_default_pool_worker(
@@ -274,7 +304,13 @@ async def test_a_server_without_the_batch_route_gets_single_events(
     # the first command discovers the missing route once; later ones go straight to /api/events
     assert len(stub.state.requests_to(r"^/api/events/batch$")) == 1
     for command in commands:
-        assert worker_events(stub, command) == ["command.started", "call.done", "command.completed"]
+        assert worker_events(stub, command) == [
+            "command.started",
+            "step.enter",
+            "call.done",
+            "step.exit",
+            "command.completed",
+        ]
 
 
 async def test_a_tool_error_is_reported_as_call_error_and_command_failed(
@@ -285,10 +321,18 @@ async def test_a_tool_error_is_reported_as_call_error_and_command_failed(
         async with open_worker(make_settings()):
             await publisher.publish_command(bad.notification(stub.url))
             await stub.state.wait_terminal([bad], timeout=20)
-    assert worker_events(stub, bad) == ["command.started", "call.error", "command.failed"]
+    assert worker_events(stub, bad) == [
+        "command.started",
+        "step.enter",
+        "call.error",
+        "step.exit",
+        "command.failed",
+    ]
     (error,) = payloads(stub, bad, "call.error")
     assert "shell.cmds" in error["error"] and "list of strings" in error["error"]
     assert stub.state.command(bad.event_id).status == "FAILED"  # type: ignore[union-attr]
+    assert stub.state.execution_outcome(bad.execution_id) == "FAILED"
+    assert "shell.cmds" in (stub.state.executions[bad.execution_id].failure or "")
 
 
 async def test_internal_api_token_is_sent_on_every_control_plane_call(
@@ -321,8 +365,10 @@ async def test_a_shell_command_past_its_deadline_leaves_no_process_behind(
         async with open_worker(make_settings()):
             await publisher.publish_command(command.notification(stub.url))
             await stub.state.wait_terminal([command], timeout=20)
-    (done,) = payloads(stub, command, "call.done")
-    assert done["result"]["status"] == "timeout"
+    # A timeout is a failed tool on the Python server: call.error + command.failed.
+    (failed,) = payloads(stub, command, "call.error")
+    assert "timed out" in failed["error"] and failed["response"]["status"] == "error"
+    assert stub.state.command(command.event_id).status == "FAILED"  # type: ignore[union-attr]
     child = int(pids.read_text())
     # the whole process group was killed: the background `sleep` is gone (or a zombie awaiting init)
     try:
@@ -343,3 +389,34 @@ async def test_consumer_lag_gauges_are_exported(
                 lambda: registry.get_sample_value("noetl_worker_nats_consumer_pending", labels) is not None
             )
             assert registry.get_sample_value("noetl_worker_nats_consumer_ack_pending", labels) == 0
+
+
+async def test_failure_log_lines_carry_the_scrubbed_error(
+    stub: StubServer,
+    publisher: Publisher,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "log-secret-4f3e2d1c"
+    monkeypatch.setenv("LOG_TEST_TOKEN", secret)
+    raised = stub.state.enqueue_command(
+        step="raised",
+        tool_kind="python",
+        tool_config={"code": f"def main():\n    raise ValueError('bad input near {secret}')\n"},
+    )
+    unrunnable = stub.state.enqueue_command(
+        step="unrunnable", tool_kind="shell", tool_config={"command": "true", "cwd": f"/nonexistent/{secret}"}
+    )
+    settings = make_settings(WORKER_MAX_CONCURRENT="2", NOETL_KEYCHAIN_ENV_VARS="LOG_TEST_TOKEN")
+    with caplog.at_level(logging.WARNING, logger="noetl_worker.dispatch"), trio.fail_after(30):
+        async with open_worker(settings):
+            for command in (raised, unrunnable):
+                await publisher.publish_command(command.notification(stub.url))
+            await stub.state.wait_terminal([raised, unrunnable], timeout=20)
+    lines = [r.getMessage() for r in caplog.records if r.name == "noetl_worker.dispatch"]
+    assert any(
+        line.startswith("command finished: error: ") and "bad input near [REDACTED]" in line for line in lines
+    )
+    assert any(line.startswith("command failed: ") and "/nonexistent/[REDACTED]" in line for line in lines)
+    assert not any(secret in line for line in lines)

@@ -77,18 +77,37 @@ async def test_readiness_turns_false_when_heartbeats_fail(autojump_clock: trio.a
         assert state.readiness() == (False, "draining")
 
 
-async def test_command_timeout_reports_timeout_and_acks(autojump_clock: trio.abc.Clock) -> None:
+RUST_HEALTH = (200, b'{"status":"ok","database":"connected","nats":"removed","version":"3.83.1"}')
+
+
+@pytest.mark.parametrize("server", ["python", "rust"])
+async def test_command_timeout_reports_timeout_and_acks(autojump_clock: trio.abc.Clock, server: str) -> None:
     bus, plane = FakeBus(), FakePlane()
+    if server == "rust":
+        plane.health = RUST_HEALTH
     async with trio.open_nursery() as nursery:
         state = await start_tree(nursery, settings(), bus, plane)
         msg = bus.publish(plane.add(1, "test_sleep", {"seconds": 1000, "timeout": 5}))
         start = trio.current_time()
         await plane.wait_terminal("cmd-1")
         assert trio.current_time() - start == pytest.approx(5, abs=0.1)
-        assert plane.types("cmd-1") == ["command.started", "call.done", "command.completed"]
-        done = next(e for e in plane.events if e.event_type == "call.done")
-        assert done.context["result"]["status"] == "timeout"
-        assert plane.terminal("cmd-1").status == "timeout"  # type: ignore[union-attr]
+        if server == "rust":
+            assert plane.types("cmd-1") == ["command.started", "call.done", "command.completed"]
+            done = next(e for e in plane.events if e.event_type == "call.done")
+            assert done.context["result"]["status"] == "timeout"
+            assert plane.terminal("cmd-1").status == "timeout"  # type: ignore[union-attr]
+        else:
+            # A timeout is a failed tool on the Python server.
+            assert plane.types("cmd-1") == [
+                "command.started",
+                "step.enter",
+                "call.error",
+                "step.exit",
+                "command.failed",
+            ]
+            error = next(e for e in plane.events if e.event_type == "call.error")
+            assert error.context["error"] == "timed out after 5s"
+            assert error.context["response"]["status"] == "error"
         await trio.sleep(0.1)
         assert msg.settled == "ack"
         state.stop.set()

@@ -110,6 +110,13 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
     ),
     (
         "Control plane",
+        "NOETL_SERVER_DIALECT",
+        "auto",
+        "auto, python, rust",
+        'Which NoETL server the worker speaks to, and so which events it sends (docs/compatibility.md). auto asks each server URL once, GET /api/health: an answer with version/nats/database keys is the Rust server; {"status": "ok"} alone, or a 404, is the Python server 4.12.1. An answer that tells neither falls back to python with one warning (a transport error or 5xx is asked again after 30 s; an odd answer is kept).',
+    ),
+    (
+        "Control plane",
         "NOETL_INTERNAL_API_TOKEN",
         "—",
         "any string (secret)",

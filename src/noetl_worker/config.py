@@ -42,6 +42,7 @@ LOG_LEVEL_ALIASES: Final = {
 LOG_FORMATS: Final = ("auto", "json", "text")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_PYTHON_MEMORY_LIMIT_MB: Final = 1024
+SERVER_DIALECTS: Final = ("auto", "python", "rust")  # dialect.py; kept here to avoid an import cycle
 
 
 @attrs.frozen
@@ -97,6 +98,7 @@ class Settings:
     python_memory_limit_mb: int = DEFAULT_PYTHON_MEMORY_LIMIT_MB
     # Inputs shown by `noetl-worker config` that have no field of their own above.
     sources: tuple[tuple[str, str | None], ...] = ()
+    server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +114,7 @@ class Settings:
             "WORKER_METRICS_BIND": str(self.metrics_bind),
             "WORKER_NATS_LAG_POLL_INTERVAL": self.lag_poll_interval,
             "NOETL_SERVER_URL": self.server_url,
+            "NOETL_SERVER_DIALECT": self.server_dialect,
             "NATS_URL": self.nats.url,
             "NATS_USER": self.nats.user,
             "NATS_PASSWORD": "***" if self.nats.password else None,
@@ -259,6 +262,7 @@ def _load(env: Env) -> Settings:
             "NOETL_PYTHON_MEMORY_LIMIT_MB", DEFAULT_PYTHON_MEMORY_LIMIT_MB, minimum=0
         ),
         sources=sources,
+        server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
     )
 
 

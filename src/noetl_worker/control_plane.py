@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from .config import Settings, normalize_server_url
+from .dialect import conflict_details  # the two servers' 409 bodies
 from .errors import HTTPStatusError, TransportError
 from .events import Event
 from .metrics import Metrics
@@ -97,34 +98,6 @@ class RetryLater:
 
 
 ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater
-
-
-def conflict_details(body: bytes) -> tuple[str, str]:
-    """(code, message) from a 409 body of either server.
-
-    Python: ``{"detail": {"code": "active_claim", "message": …}}`` (or ``{"detail": "…"}``);
-    Rust: ``{"error": "already claimed by …", "status": 409}``.
-    """
-    try:
-        payload = json.loads(body) if body else {}
-    except ValueError:
-        return "unknown", body.decode(errors="replace")[:200]
-    if not isinstance(payload, dict):
-        return "unknown", str(payload)[:200]
-    detail = payload.get("detail")
-    if isinstance(detail, dict):
-        return str(detail.get("code") or "unknown"), str(detail.get("message") or "")
-    message = str(detail if detail is not None else payload.get("error", ""))
-    lowered = message.lower()
-    if "terminal" in lowered:
-        code = "already_terminal"
-    elif "cancel" in lowered:
-        code = "execution_cancelled"
-    elif "claim" in lowered or "another worker" in lowered:
-        code = "active_claim"
-    else:
-        code = "unknown"
-    return code, message
 
 
 # ---- the client -----------------------------------------------------------------------------

@@ -6,6 +6,11 @@ Publishes a handful of commands (one or more per tool kind that needs no externa
 waits for their terminal events (a progress line meanwhile), prints a table (command, tool,
 status, duration; large runs list only the showcase commands and any unexpected ones), a per-tool
 summary and the key metrics, and exits 0 — or 1 if a command did not end as expected.
+
+Then a small workflow runs as real playbooks do on the Python server: a step passes a value to
+the next one through ``{{ step.field }}``, a failing step is routed to a handler by a
+``call.error`` arc, and the execution still ends ``playbook.failed`` (a handled error does not
+rescue it there).
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ import attrs
 import trio
 
 from .config import Settings
-from .testing import StubState, open_nats_server, open_publisher, open_stub_server, open_worker
+from .testing import (
+    Arc,
+    StubState,
+    WorkflowStep,
+    open_nats_server,
+    open_publisher,
+    open_stub_server,
+    open_worker,
+)
 
 # Runs with more commands than this list only the showcase commands and unexpected outcomes; the
 # per-tool summary covers the rest.
@@ -63,7 +76,7 @@ def demo_commands(
         DemoCommand("shell_one", "shell", {"command": "echo hello from sh; uname -s"}, "success"),
         DemoCommand("shell_list", "shell", {"cmds": ["echo one", "echo two"], "env": {"X": "1"}}, "success"),
         DemoCommand("shell_fails", "shell", {"command": "echo oops >&2; exit 3"}, "error"),
-        DemoCommand("shell_timeout", "shell", {"command": "sleep 30", "timeout": 1}, "timeout"),
+        DemoCommand("shell_timeout", "shell", {"command": "sleep 30", "timeout": 1}, "error"),
         DemoCommand(
             "python_main", "python", {"code": PY_MAIN, "args": {"name": "noetl", "count": 5}}, "success"
         ),
@@ -110,14 +123,25 @@ def demo_commands(
     return commands
 
 
-def _status(terminal: Any) -> str:
-    """The worker's own status: the tool status of command.completed, or FAILED."""
+def _status(state: StubState, command_id: Any) -> str:
+    """``success``, ``error`` (the tool ran and failed), ``FAILED`` (it could not run), or
+    ``(none)``; read from the events the worker sent, in either dialect."""
+    return _status_of(state.events_for(command_id))
+
+
+def _status_of(events: Sequence[Any]) -> str:
+    """:func:`_status` from one command's events (in the order the server stored them)."""
+    terminal = next((e for e in events if e.event_type in TERMINAL_EVENTS), None)
     if terminal is None:
         return "(none)"
-    if terminal.event_type == "command.failed":
-        return "FAILED"
     payload = terminal.payload if isinstance(terminal.payload, dict) else {}
-    return str(payload.get("status") or terminal.status)
+    if terminal.event_type == "command.completed":
+        return str(payload.get("status") or "success").lower().replace("completed", "success")
+    for event in events:
+        body = event.payload if isinstance(event.payload, dict) else {}
+        if event.event_type == "call.error" and isinstance(body.get("response"), dict):
+            return "error"
+    return "FAILED"
 
 
 def _why(state: StubState, command_id: Any) -> str:
@@ -171,7 +195,7 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
             for spec, command in queued:
                 events = by_command.get(str(command.command_id), [])
                 terminal = next((e for e in events if e.event_type in TERMINAL_EVENTS), None)
-                status = _status(terminal)
+                status = _status_of(events)
                 duration = (terminal.received_at - events[0].received_at) if terminal is not None else None
                 results.append(_Outcome(spec, command.command_id, status, duration))
             failures = sum(not r.ok for r in results)
@@ -180,6 +204,7 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
                 if not outcome.ok:
                     say(f"  {outcome.spec.step}: {_why(stub.state, outcome.command_id)}")
             _per_tool(say, results)
+            flow_ok = await _workflow(say, stub, publisher)
             runtime = worker.runtime
         # The worker has drained and deregistered: its metrics are final.
         if runtime is not None:
@@ -190,7 +215,94 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
             f"{elapsed:.2f} s from the first publish to the last terminal event ({rate:.0f} commands/s; "
             f"excludes starting nats-server, the stub server and the worker, and the drain)"
         )
-        return 1 if failures else 0
+        return 1 if failures or not flow_ok else 0
+
+
+FLOW_GREET = "def main(name):\n    return {'greeting': 'hello ' + name}\n"
+FLOW_SHOUT = "def main(greeting):\n    return {'loud': greeting.upper() + '!'}\n"
+
+
+def demo_workflow() -> list[WorkflowStep]:
+    """greet → shout (reads ``{{ greet.greeting }}``) → risky (exits 3) → handler on call.error."""
+    return [
+        WorkflowStep(
+            "greet",
+            "python",
+            {"code": FLOW_GREET},
+            input={"name": "{{ workload.who }}"},
+            next=(Arc("shout"),),
+        ),
+        WorkflowStep(
+            "shout",
+            "python",
+            {"code": FLOW_SHOUT},
+            input={"greeting": "{{ greet.greeting }}"},
+            next=(Arc("risky"),),
+        ),
+        WorkflowStep(
+            "risky",
+            "shell",
+            {"cmds": ["echo {{ shout.loud }}", "echo giving up >&2; exit 3"]},
+            next=(Arc("handler", on="call.error"), Arc("celebrate", on="call.done")),
+        ),
+        WorkflowStep("handler", "shell", {"cmds": ["echo handled the failure of risky"]}),
+        WorkflowStep("celebrate", "noop"),
+    ]
+
+
+async def _workflow(say: Any, stub: Any, publisher: Any) -> bool:
+    """Run :func:`demo_workflow` through the worker; print what the server stored per step."""
+    state: StubState = stub.state
+    send, receive = trio.open_memory_channel[Any](64)
+    state.on_issue = send.send_nowait
+    row = state.run_workflow(demo_workflow(), workload={"who": "noetl"}, path="demo/flow")
+    with trio.move_on_after(60):
+        async with receive:
+            while state.playbook_terminal(row.execution_id) is None:
+                with trio.move_on_after(0.5):
+                    command = await receive.receive()
+                    await publisher.publish_command(command.notification(stub.url))
+    state.on_issue = None
+    results = state.step_results.get(row.execution_id, {})
+    ran = [c.step for c in state.commands.values() if c.execution_id == row.execution_id]
+    terminal = state.playbook_terminal(row.execution_id)
+    say("")
+    say("workflow demo/flow: a value passed between steps, a failing step routed to its handler")
+    _table(
+        say,
+        ("step", "ended with", "stored result"),
+        [
+            (
+                step,
+                _status(state, cid := _command_of(state, row.execution_id, step)),
+                _short(results[step]) if step in results else f"(none: {_why(state, cid)})",
+            )
+            for step in ran
+        ],
+    )
+    ok = (
+        results.get("shout") == {"loud": "HELLO NOETL!"}
+        and ran == ["greet", "shout", "risky", "handler"]
+        and terminal == "playbook.failed"
+    )
+    say(
+        f"demo: workflow demo/flow ended {terminal} after its handler ran; "
+        + ("values passed and the error was routed as expected" if ok else "NOT as expected")
+    )
+    return ok
+
+
+def _command_of(state: StubState, execution_id: int, step: str) -> Any:
+    return next(
+        c.command_id for c in state.commands.values() if c.execution_id == execution_id and c.step == step
+    )
+
+
+def _short(value: Any) -> str:
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @attrs.frozen

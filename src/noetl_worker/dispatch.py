@@ -1,17 +1,18 @@
 """One command's lifecycle: claim → started → tool under a deadline → events → ack.
 
-Event order (both servers):
-- tool returned a result (any status): command.started → call.done → command.completed(<status>)
-- tool raised / invalid config / pre-dispatch failure: command.started → call.error → command.failed
-- a case with ``then: fail``: command.started → call.done → command.failed
+Which events go out, and what they carry, is the server's dialect (``dialect``): the Python
+server gets noetl's own worker's events (a failed tool is ``call.error`` + ``command.failed``),
+the Rust server the Rust worker's (any tool result is ``call.done`` + ``command.completed``).
+This module only sequences them; it never looks at a payload.
 
 Decisions (docs/architecture.md, "Design decisions"):
 - The NATS message is acked only once the terminal event is accepted; an in-progress ack keeps
   it alive every ack_wait/3 meanwhile; cancellation at the drain deadline naks it.
-- A tool that finishes within ``COALESCE_WINDOW`` has its ``command.started`` sent together with
+- A tool that finishes within ``COALESCE_WINDOW`` has its start events sent together with
   the terminal events in one ``/api/events/batch`` call: one round trip instead of three.
 - Terminal events are retried as long as the server is unreachable or busy (bounded by
   ``TERMINAL_PATIENCE``), so a command gets its terminal event if the server is reachable at all.
+- Failure log lines carry the (scrubbed) error text.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .control_plane import (
     RetryLater,
     RetryPolicy,
 )
+from .dialect import Dialect, Dialects, Reported, dialect_for_command
 from .errors import BusError, ControlPlaneError, HTTPStatusError, ToolConfigError, ToolError
 from .events import Event, EventFactory
 from .metrics import Metrics
@@ -66,9 +68,10 @@ class Hooks(Protocol):
         ...
 
     async def call_done_result(
-        self, command: Command, ctx: ToolContext, result: ToolResult
+        self, command: Command, ctx: ToolContext, value: Any, status: str, *, stage_shared_memory: bool
     ) -> dict[str, Any]:
-        """The ``result`` object of call.done (scrubbed; inline or a reference)."""
+        """``{status, context?, reference?}`` for the value the server stores (scrubbed; inline
+        or a reference)."""
         ...
 
     async def after_result(
@@ -205,6 +208,7 @@ class Runtime:
     slots: trio.CapacityLimiter
     waiting: trio.CapacityLimiter
     ack_wait: Callable[[], float] = lambda: 30.0
+    dialects: Dialects = attrs.field(factory=lambda: Dialects("python"))
     running: set[int] = attrs.field(factory=set)  # event ids of commands running in this process
 
 
@@ -332,6 +336,7 @@ async def _claim_and_run(
 
 async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str, float]:
     """Run a claimed command and report it. Returns how to settle the NATS message."""
+    dialect = dialect_for_command(await rt.dialects.for_server(command.server_url), command.meta)
     events = EventFactory(
         rt.ids.next_id,
         command.execution_id,
@@ -340,8 +345,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         rt.settings.worker_id,
         command.attempts,
     )
-    started = events.started()
-    sender = _StartedSender(rt, command.server_url, started)
+    sender = _StartedSender(rt, command.server_url, dialect.start_events(events))
     variables = _variables(command, rt.settings)
     ctx = ToolContext(
         execution_id=command.execution_id,
@@ -368,32 +372,67 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     if isinstance(outcome, _Failure):
         _finished(rt, kind, "failed")
         error = rt.hooks.scrub_text(outcome.message, ctx)
-        log.warning("command failed: %s", error)
-        batch = [*sender.pending(), events.call_error(error), events.failed(error)]
+        log.warning("command failed: %s", error, extra={"tool_kind": kind, "status": "failed"})
+        batch = [*sender.pending(), *dialect.exception_events(events, error, outcome.error_type)]
         return await _report(rt, command, batch)
+    return await _report_result(rt, command, ctx, dialect, events, sender, outcome)
 
-    result = outcome
+
+async def _report_result(
+    rt: Runtime,
+    command: Command,
+    ctx: ToolContext,
+    dialect: Dialect,
+    events: EventFactory,
+    sender: _StartedSender,
+    result: ToolResult,
+) -> tuple[str, float]:
+    kind = command.tool_kind
+    failed = dialect.tool_failed(result, kind)
+    reported: Reported | None = None
     if result.pending_callback:
         rt.metrics.skipped_pending_callback.labels(kind).inc()
-        done: list[Event] = []
     else:
-        done = [events.call_done(await rt.hooks.call_done_result(command, ctx, result))]
+        body = await rt.hooks.call_done_result(
+            command,
+            ctx,
+            dialect.reported_value(result, failed),
+            result.status,
+            stage_shared_memory=dialect.stages_shared_memory,
+        )
+        reported = Reported(body)
     effect = await rt.hooks.after_result(command, ctx, result, events)
+    pending = sender.pending()
     if effect.fail_message is not None:
         _finished(rt, kind, "failed")
-        # Single posts, not a batch: the Python server's batch route acts on one event only.
         message = rt.hooks.scrub_text(effect.fail_message, ctx)
-        batch = [*sender.pending(), *done, *effect.events, events.failed(message, effect.warnings)]
-        return await _report(rt, command, batch, batch_ok=False)
+        log.warning("command failed: %s", message, extra={"tool_kind": kind, "status": "failed"})
+        batch = dialect.case_failed_events(events, reported, result, message, effect.events, effect.warnings)
+        # Single posts, not a batch: the Python server's batch route acts on one event only.
+        return await _report(rt, command, [*pending, *batch], batch_ok=False)
     _finished(rt, kind, result.status)
-    log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
-    batch = [*sender.pending(), *done, *effect.events, events.completed(result.status, effect.warnings)]
-    return await _report(rt, command, batch)
+    if result.status != "success" or failed:
+        error = rt.hooks.scrub_text(dialect.error_text(result), ctx)
+        log.warning(
+            "command finished: %s: %s",
+            result.status,
+            error,
+            extra={"tool_kind": kind, "status": result.status},
+        )
+    else:
+        log.info("command finished: %s", result.status, extra={"tool_kind": kind, "status": result.status})
+    if failed:
+        assert reported is not None  # a pending callback is never a failure
+        batch = dialect.tool_error_events(events, reported, result, error, effect.events, effect.warnings)
+    else:
+        batch = dialect.success_events(events, reported, result, effect.events, effect.warnings)
+    return await _report(rt, command, [*pending, *batch])
 
 
 @attrs.frozen
 class _Failure:
     message: str
+    error_type: str | None = None
 
 
 # Whether this command task has counted its outcome: a drain cancellation counts `cancelled` only
@@ -438,7 +477,7 @@ async def _execute(rt: Runtime, command: Command, ctx: ToolContext) -> ToolResul
         return _Failure(str(exc))
     except Exception as exc:  # a bug in a tool must not take the worker down
         log.exception("tool %s raised", kind)
-        return _Failure(f"{type(exc).__name__}: {exc}")
+        return _Failure(f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
 
 async def _report(
@@ -464,11 +503,11 @@ async def _report(
 
 @attrs.define(eq=False)
 class _StartedSender:
-    """Sends command.started on its own if the tool is still running after the window."""
+    """Sends the start events on their own if the tool is still running after the window."""
 
     rt: Runtime
     server_url: str
-    event: Event
+    events: list[Event]
     state: str = "waiting"  # waiting | sending | sent | failed
     _done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -476,10 +515,10 @@ class _StartedSender:
         try:
             await trio.sleep(delay)
             self.state = "sending"
-            await self.rt.plane.emit(self.server_url, [self.event], policy=EVENT_RETRY)
+            await self.rt.plane.emit(self.server_url, self.events, policy=EVENT_RETRY)
             self.state = "sent"
         except ControlPlaneError as exc:
-            log.warning("command.started not delivered (%s); it goes with the terminal events", exc)
+            log.warning("start events not delivered (%s); they go with the terminal events", exc)
             self.state = "failed"
         finally:
             self._done.set()
@@ -490,7 +529,7 @@ class _StartedSender:
             await self._done.wait()
 
     def pending(self) -> list[Event]:
-        return [] if self.state == "sent" else [self.event]
+        return [] if self.state == "sent" else list(self.events)
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Event envelope and catalogue.
+"""Event envelope and catalogue (what each server expects of them: ``dialect``).
 
 One envelope both servers accept: the Rust worker's ``ExecutorEvent`` names (``event_type``,
 ``context``), which the Python server reads as aliases of its own (``name``, ``payload``). Each
@@ -10,6 +10,7 @@ Python server answers 500 otherwise.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
@@ -42,11 +43,19 @@ class Event:
     attempts: int = 0
     command_id: str | None = None
     created_at: str = attrs.field(factory=_now)
+    # None: derived from the event type (ACTIONABLE); a dialect may decide otherwise.
+    actionable: bool | None = None
+    extra_meta: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def is_actionable(self) -> bool:
+        return self.event_type in ACTIONABLE if self.actionable is None else self.actionable
 
     def to_json(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"attempts": self.attempts, "worker_id": self.worker_id}
         if self.command_id is not None:
             meta["command_id"] = self.command_id
+        meta.update(self.extra_meta)
         return {
             "event_id": self.event_id,
             "execution_id": self.execution_id,
@@ -57,7 +66,7 @@ class Event:
             "context": self.context,
             "worker_id": self.worker_id,
             "meta": meta,
-            "actionable": self.event_type in ACTIONABLE,
+            "actionable": self.is_actionable,
             "informative": True,
         }
 
@@ -79,6 +88,20 @@ class EventFactory:
     command_id: str
     worker_id: str
     attempts: int = 0
+
+    def make(
+        self,
+        event_type: str,
+        status: str,
+        context: dict[str, Any],
+        *,
+        actionable: bool | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """Any event of this command (the dialects shape theirs with it)."""
+        return attrs.evolve(
+            self._make(event_type, status, context), actionable=actionable, extra_meta=dict(meta or {})
+        )
 
     def _make(self, event_type: str, status: str, context: dict[str, Any]) -> Event:
         return Event(

@@ -3,7 +3,8 @@
 1. reference envelopes in the claim context resolved (the Python server sends any context field
    over 8 KiB as a ``result_ref``), then step references the templates need;
 2. credential aliases and ``{{ keychain.… }}`` references resolved, secrets collected;
-3. the tool result scrubbed and sent inline, or stored and sent as a reference;
+3. the value the server stores for the step (the dialect decides which) scrubbed and sent
+   inline, or stored and sent as a reference;
 4. ``context.cases`` evaluated: ``exit`` → ``step.exit``, ``set_var`` → ``POST /api/vars``,
    ``fail`` → ``command.failed``.
 """
@@ -119,16 +120,17 @@ class Pipeline:
         return self.scrubber.with_secrets(extra) if extra else self.scrubber
 
     async def call_done_result(
-        self, command: Command, ctx: ToolContext, result: ToolResult
+        self, command: Command, ctx: ToolContext, value: Any, status: str, *, stage_shared_memory: bool
     ) -> dict[str, Any]:
         return await build_call_done_result(
-            result.to_json(),
+            value,
+            status=status,
             execution_id=command.execution_id,
             step=command.step,
             server=ctx.server,
             scrubber=self._scrubber(ctx),
             inline_max_bytes=self.settings.result_inline_max_bytes,
-            ipc_cache=self.ipc,
+            ipc_cache=self.ipc if stage_shared_memory else None,
             cursor=command.cursor,
             metrics=self.metrics,
         )

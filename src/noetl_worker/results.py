@@ -120,7 +120,7 @@ class _Prepared:
     extracted: Any = None
 
 
-def _prepare(scrubber: Scrubber, tool_result: Mapping[str, Any], inline_max: int) -> _Prepared:
+def _prepare(scrubber: Scrubber, tool_result: Any, inline_max: int) -> _Prepared:
     scrubbed = scrubber.scrub(tool_result)
     body = compact_json(scrubbed)
     extracted = extract_summary(scrubbed) if len(body) > inline_max else None
@@ -170,8 +170,9 @@ def _put_body_bytes(step: str, data_json: bytes) -> bytes:
 
 
 async def build_call_done_result(
-    tool_result: Mapping[str, Any],
+    tool_result: Any,
     *,
+    status: str | None = None,
     execution_id: int,
     step: str,
     server: ServerAPI,
@@ -188,7 +189,8 @@ async def build_call_done_result(
     | failed      | ok            | status, reference = bare IpcHint (same node only)        |
     | failed      | failed        | status                                                   |
     """
-    status = str(tool_result.get("status", "success"))
+    if status is None:
+        status = str(tool_result.get("status", "success")) if isinstance(tool_result, Mapping) else "success"
     if _is_small(tool_result):
         # A thread hop costs more CPU than scrubbing a few hundred values (no-op commands).
         prepared = _prepare(scrubber, tool_result, inline_max_bytes)

@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ from . import __version__
 from .bus import Bus, Message, install_exception_handler
 from .config import Settings
 from .control_plane import ControlPlane
+from .dialect import HEALTH_PATH, PROBE_TIMEOUT, Dialects
 from .dispatch import Hooks, Runtime, handle_message, pool_mismatch
 from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationError
 from .http_server import make_app, serve_http
@@ -88,6 +90,12 @@ async def supervise(name: str, fn: Callable[[], Awaitable[None]], metrics: Metri
             await trio.sleep(delay)
 
 
+async def _health(plane: Any, server_url: str) -> tuple[int, bytes]:
+    """``GET /api/health`` for the dialect probe (one attempt; the probe decides what a failure means)."""
+    response = await plane.request("GET", server_url, HEALTH_PATH, timeout=PROBE_TIMEOUT)
+    return response.status, response.body
+
+
 async def serve(
     settings: Settings,
     *,
@@ -131,6 +139,7 @@ async def serve(
             slots=trio.CapacityLimiter(settings.max_concurrent),
             waiting=trio.CapacityLimiter(settings.max_waiting),
             ack_wait=lambda: float(bus.ack_wait),
+            dialects=Dialects(settings.server_dialect, fetch=partial(_health, plane)),
         )
         state.runtime = rt
         log.info(

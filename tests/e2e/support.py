@@ -55,22 +55,66 @@ def payload(state: StubState, command: StubCommand, event_type: str) -> dict[str
     return result
 
 
+# What the worker sends per dialect (the stub's flavour is the server it speaks to).
+PYTHON_DONE = ["command.started", "step.enter", "call.done", "step.exit", "command.completed"]
+PYTHON_FAILED = ["command.started", "step.enter", "call.error", "step.exit", "command.failed"]
+RUST_DONE = ["command.started", "call.done", "command.completed"]
+RUST_FAILED = ["command.started", "call.error", "command.failed"]
+
+
 def call_done(state: StubState, command: StubCommand) -> dict[str, Any]:
     """``call.done``'s ``result`` object, after checking the success lifecycle."""
-    assert worker_events(state, command) == ["command.started", "call.done", "command.completed"]
+    expected = PYTHON_DONE if state.flavor == "python" else RUST_DONE
+    assert worker_events(state, command) == expected
     result: dict[str, Any] = payload(state, command, "call.done")["result"]
     return result
 
 
 def tool_result(state: StubState, command: StubCommand) -> dict[str, Any]:
-    """The inline ToolResult (``call.done`` ``result.context``)."""
+    """The inline ToolResult (``call.done`` ``result.context``) — the Rust dialect's."""
+    assert state.flavor == "rust", "only the Rust dialect sends the ToolResult envelope"
     context: dict[str, Any] = call_done(state, command)["context"]
     return context
 
 
+def value(state: StubState, command: StubCommand) -> Any:
+    """The tool's value of a successful command, as the server stores it for the step.
+
+    Python dialect: ``call.done`` ``response``; Rust: ``result.context.data``. Either way the
+    stub's stored step result must be that same value.
+    """
+    if state.flavor == "python":
+        call_done(state, command)
+        sent = payload(state, command, "call.done")["response"]
+    else:
+        sent = tool_result(state, command).get("data")
+    assert state.step_results[command.execution_id][command.step] == sent
+    return sent
+
+
+def tool_error(state: StubState, command: StubCommand) -> tuple[str, dict[str, Any]]:
+    """(status, envelope) of a tool that returned a failed result (error/timeout).
+
+    Python dialect: ``call.error`` + ``command.failed``, the envelope is ``response``
+    (``{status: error, error, data}``), the status is read from the error text; Rust:
+    ``call.done`` with the ToolResult (``status`` error/timeout) + ``command.completed``.
+    """
+    if state.flavor == "python":
+        assert worker_events(state, command) == PYTHON_FAILED
+        sent = payload(state, command, "call.error")
+        envelope: dict[str, Any] = sent["response"]
+        assert envelope["status"] == "error" and envelope["error"] == sent["error"]
+        assert state.command(command).status == "FAILED"
+        status = "timeout" if "timed out" in sent["error"] else "error"
+        return status, envelope
+    result = tool_result(state, command)
+    return str(result["status"]), result
+
+
 def failure(state: StubState, command: StubCommand) -> str:
     """The error of a command that failed before its tool returned (call.error + command.failed)."""
-    assert worker_events(state, command) == ["command.started", "call.error", "command.failed"]
+    expected = PYTHON_FAILED if state.flavor == "python" else RUST_FAILED
+    assert worker_events(state, command) == expected
     error = payload(state, command, "call.error")["error"]
     assert payload(state, command, "command.failed")["error"] == error
     assert state.command(command).status == "FAILED"

@@ -26,8 +26,11 @@ from .support import (
     request_bodies,
     run_commands,
     tool_result,
+    value,
     worker_events,
 )
+
+RUST = [pytest.param({"flavor": "rust"}, id="rust")]
 
 MakeSettings = Callable[..., Settings]
 INLINE_MAX = "2048"
@@ -62,6 +65,7 @@ async def resolve(stub: StubServer, ref: str) -> Any:
 # ---- results over the inline budget ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("stub_state", RUST, indirect=True)
 async def test_large_result_is_stored_and_referenced_with_and_without_shared_memory(
     stub: StubServer, publisher: Publisher, make_settings: MakeSettings
 ) -> None:
@@ -131,6 +135,28 @@ async def test_large_result_is_stored_and_referenced_with_and_without_shared_mem
     assert not {name for name in shm_segments() - before if name in staged}
 
 
+async def test_large_result_on_the_python_server_travels_as_a_reference_it_resolves(
+    stub: StubServer, publisher: Publisher, make_settings: MakeSettings
+) -> None:
+    state = stub.state
+    rows = big_rows()
+    before = shm_segments()
+    command = state.enqueue_command(step="big", tool_kind="noop", tool_config={"result": {"rows": rows}})
+    with trio.fail_after(30):
+        await run_commands(
+            stub, publisher, make_settings(NOETL_EVENT_RESULT_CONTEXT_MAX_BYTES=INLINE_MAX), [command]
+        )
+    result = call_done(state, command)
+    # No inline `response`: the server reads the step result behind result.reference.ref.
+    assert "response" not in payload(state, command, "call.done")
+    assert set(result) == {"status", "reference"} and result["status"] == "COMPLETED"
+    assert result["reference"]["ref"].startswith(f"noetl://execution/{command.execution_id}/")
+    assert "ipc" not in result["reference"]  # the Python server cannot read shared memory
+    assert shm_segments() - before == set()
+    assert (await resolve(stub, result["reference"]["ref"])) == {"rows": rows}
+    assert state.step_results[command.execution_id]["big"] == {"rows": rows}
+
+
 # ---- scrubbing ------------------------------------------------------------------------------
 
 
@@ -166,9 +192,9 @@ async def test_secrets_never_reach_the_server(
         await run_commands(stub, publisher, settings, commands)
         stored = await resolve(stub, call_done(state, many)["reference"]["ref"])
 
-    assert tool_result(state, printed)["data"]["stdout"] == "token is [REDACTED]\n"
-    assert stored["data"]["stdout"].startswith("line 1 [REDACTED]\nline 2 [REDACTED]\n")
-    assert tool_result(state, keys)["data"] == {"password": "[REDACTED]", "author": "Ada", "note": "fine"}
+    assert value(state, printed)["stdout"] == "token is [REDACTED]\n"
+    assert stored["stdout"].startswith("line 1 [REDACTED]\nline 2 [REDACTED]\n")
+    assert value(state, keys) == {"password": "[REDACTED]", "author": "Ada", "note": "fine"}
     assert "[REDACTED]" in failure(state, crashed)
     bodies = request_bodies(state)
     assert secret not in bodies
@@ -213,14 +239,14 @@ async def test_credential_aliases(
         state.inject("GET", r"^/api/credentials/api_token$", 503, times=CREDENTIAL_HTTP_ATTEMPTS)
         await run_commands(stub, publisher, make_settings(), [outlasted])
 
-    assert tool_result(state, bearer)["data"]["status_code"] == 200
+    assert value(state, bearer)["status_code"] == 200
     assert authorization_seen_by(state, "bearer") == [f"Bearer {token}"]
     error = failure(state, unknown)
     assert "no_such_alias" in error and "not found" in error
     assert authorization_seen_by(state, "unknown") == []
-    assert tool_result(state, retried)["data"]["status_code"] == 200
+    assert value(state, retried)["status_code"] == 200
     assert authorization_seen_by(state, "retried") == [f"Bearer {token}"]
-    assert tool_result(state, outlasted)["data"]["status_code"] == 200
+    assert value(state, outlasted)["status_code"] == 200
     assert authorization_seen_by(state, "outlasted") == [f"Bearer {token}"]
     answered = [r.status for r in state.requests_to(r"^/api/credentials/api_token$", "GET")]
     assert answered == [200, 503, 200, *[503] * CREDENTIAL_HTTP_ATTEMPTS, 200]
@@ -238,7 +264,7 @@ async def test_sealed_credential_delivery(
     with trio.fail_after(30):
         await run_commands(stub, publisher, make_settings(NOETL_SEALED_CREDENTIALS="true"), [command])
 
-    assert tool_result(state, command)["data"]["status_code"] == 200
+    assert value(state, command)["status_code"] == 200
     assert authorization_seen_by(state, "sealed") == [f"Bearer {token}"]
     (sealed,) = state.requests_to(r"^/api/credentials/sealed_api/sealed$", "GET")
     assert sealed.status == 200
@@ -265,7 +291,7 @@ async def test_claim_context_over_8k_arrives_as_references_and_still_renders(
     with trio.fail_after(30):
         await run_commands(stub, publisher, make_settings(), [command])
 
-    assert tool_result(state, command)["data"]["stdout"] == "large 120\n"
+    assert value(state, command)["stdout"] == "large 120\n"
     assert len(state.requests_to(r"^/api/result/resolve$", "GET")) == 1
 
 
@@ -276,6 +302,8 @@ def when_exit_code(code: int) -> list[dict[str, Any]]:
     return [{"left": "result.exit_code", "op": "eq", "right": code}]
 
 
+# Cases (``context.cases``) come only from the Rust server; the Python server never sends them.
+@pytest.mark.parametrize("stub_state", RUST, indirect=True)
 async def test_cases(stub: StubServer, publisher: Publisher, make_settings: MakeSettings) -> None:
     state = stub.state
     render_context = {"workload": {"who": "ada"}}

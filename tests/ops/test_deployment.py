@@ -324,6 +324,7 @@ SAMPLES = {
     "NOETL_LOG_LEVEL": "WARN",
     "NOETL_LOG_FORMAT": "json",
     "NOETL_SERVER_URL": "https://noetl.example:8443",
+    "NOETL_SERVER_DIALECT": "rust",
     "NOETL_EVENT_RESULT_CONTEXT_MAX_BYTES": "2048",
     "NOETL_SEALED_CREDENTIALS": "true",
     "NATS_URL": "nats://nats-a:4222,nats://nats-b:4222",

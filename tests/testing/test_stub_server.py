@@ -763,3 +763,112 @@ async def test_rust_flavor_faults_and_validation_use_the_error_shape() -> None:
             invalid = await client.post("/api/events", json={"execution_id": 1})
             assert invalid.status_code == 422
             assert invalid.json()["status"] == 422 and "name" in invalid.json()["error"]
+
+
+# ---- what the server does with the events: step results, failure, routing ----------------------
+
+
+async def test_api_health_answers_as_each_server_does(stub: StubServer, client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/health")).json() == {"status": "ok"}
+    async with (
+        open_stub_server(StubState(flavor="rust")) as rust,
+        httpx.AsyncClient(base_url=rust.url) as http,
+    ):
+        body = (await http.get("/api/health")).json()
+    assert body["version"] and body["nats"] and body["database"] == "connected"
+
+
+async def test_python_flavor_stores_the_response_and_fails_on_call_error(
+    stub: StubServer, client: httpx.AsyncClient
+) -> None:
+    state = stub.state
+    good, bad = enqueue(state, step="good"), enqueue(state, step="bad")
+    cid = good.command_id
+    done = {"command_id": cid, "response": {"greeting": "hi"}, "result": {"status": "COMPLETED"}}
+    assert (await post_event(client, good, "call.done", done)).status_code == 200
+    assert (await post_event(client, good, "command.completed", {"command_id": cid})).status_code == 200
+    assert state.step_results[good.execution_id]["good"] == {"greeting": "hi"}
+    assert state.execution_outcome(good.execution_id) == "COMPLETED"
+    # A Rust-shaped call.done is stored as it is: templates would read {{ good.result... }}.
+    rust_shaped = {"command_id": bad.command_id, "result": {"status": "error", "context": {"data": 1}}}
+    await post_event(client, bad, "call.done", rust_shaped)
+    assert state.step_results[bad.execution_id]["bad"] == {"status": "error", "context": {"data": 1}}
+    error = {"command_id": bad.command_id, "error": "exit 7", "result": {"status": "FAILED"}}
+    await post_event(client, bad, "call.error", error)
+    await post_event(client, bad, "command.failed", {**error})
+    assert state.executions[bad.execution_id].failure == "exit 7"
+    assert state.execution_outcome(bad.execution_id) == "FAILED"
+
+
+async def test_python_flavor_hydrates_a_referenced_result(
+    stub: StubServer, client: httpx.AsyncClient
+) -> None:
+    state = stub.state
+    cmd = enqueue(state)
+    put = await client.put(
+        f"/api/result/{cmd.execution_id}", json={"name": "fetch", "data": {"rows": [1, 2]}}
+    )
+    reference = {"kind": "result_ref", "ref": put.json()["ref"], "store": "memory"}
+    payload = {"command_id": cmd.command_id, "result": {"status": "COMPLETED", "reference": reference}}
+    assert (await post_event(client, cmd, "call.done", payload)).status_code == 200
+    assert state.step_results[cmd.execution_id]["fetch"] == {"rows": [1, 2]}
+
+
+async def test_rust_flavor_unwraps_context_data_and_only_command_failed_fails() -> None:
+    state = StubState(flavor="rust")
+    async with open_stub_server(state) as rust, httpx.AsyncClient(base_url=rust.url) as http:
+        cmd = enqueue(state)
+        cid = cmd.command_id
+        result = {"status": "error", "context": {"status": "error", "data": {"x": 1}}}
+        await post_event(http, cmd, "call.done", {"command_id": cid, "result": result})
+        await post_event(http, cmd, "call.error", {"command_id": cid, "error": "ignored by this server"})
+        assert state.step_results[cmd.execution_id]["fetch"] == {"x": 1}
+        assert state.executions[cmd.execution_id].failure is None
+        await post_event(http, cmd, "command.completed", {"command_id": cid, "status": "error"})
+        assert state.execution_outcome(cmd.execution_id) == "COMPLETED"  # a tool error does not fail it
+
+
+async def test_a_workflow_routes_values_and_errors_and_ends_failed_after_the_handler(
+    client: httpx.AsyncClient, stub: StubServer
+) -> None:
+    from noetl_worker.testing import Arc, WorkflowStep
+
+    state = stub.state
+    issued: list[StubCommand] = []
+    state.on_issue = issued.append
+    steps = [
+        WorkflowStep("start", "python", {"code": "..."}, next=(Arc("risky"),)),
+        WorkflowStep(
+            "risky",
+            "shell",
+            {"cmds": ["exit 3"]},
+            input={"greeting": "{{ start.greeting }}"},
+            next=(Arc("handler", on="call.error"), Arc("never", on="call.done")),
+        ),
+        WorkflowStep("handler", "noop"),
+        WorkflowStep("never", "noop"),
+    ]
+    row = state.run_workflow(steps, workload={"who": "ada"}, path="demo/flow")
+    (start,) = issued
+    assert start.context["render_context"]["workload"] == {"who": "ada"}
+    ok = {
+        "command_id": start.command_id,
+        "response": {"greeting": "hi ada"},
+        "result": {"status": "COMPLETED"},
+    }
+    await post_event(client, start, "call.done", ok)
+    await post_event(client, start, "command.completed", {"command_id": start.command_id})
+    risky = issued[1]
+    assert risky.step == "risky"
+    assert risky.context["render_context"]["start"] == {"greeting": "hi ada"}  # for {{ start.greeting }}
+    failed = {"command_id": risky.command_id, "error": "exit 3", "result": {"status": "FAILED"}}
+    await post_event(client, risky, "call.error", failed)
+    await post_event(client, risky, "command.failed", failed)
+    assert [c.step for c in issued] == ["start", "risky", "handler"]
+    assert state.playbook_terminal(row.execution_id) is None  # the handler is pending
+    handler = issued[2]
+    await post_event(client, handler, "call.done", {"command_id": handler.command_id, "response": None})
+    await post_event(client, handler, "command.completed", {"command_id": handler.command_id})
+    assert state.playbook_terminal(row.execution_id) == "playbook.failed"
+    assert state.execution_outcome(row.execution_id) == "FAILED"
+    assert row.failed_step == "risky"

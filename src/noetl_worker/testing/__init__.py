@@ -18,12 +18,14 @@ from ._state import (
     StubEvent,
     StubState,
 )
+from ._workflow import Arc, WorkflowStep
 from .nats_server import NatsServer, NatsServerError, find_nats_server, free_port, open_nats_server
 from .sealing import seal_credential
 from .stub_server import StubServer, build_app, open_stub_server, serve_stub
 
 __all__ = [
     "TERMINAL_COMMAND_STATUSES",
+    "Arc",
     "ExecutionRow",
     "Fault",
     "NatsServer",
@@ -35,6 +37,7 @@ __all__ = [
     "StubEvent",
     "StubServer",
     "StubState",
+    "WorkflowStep",
     "build_app",
     "find_nats_server",
     "free_port",

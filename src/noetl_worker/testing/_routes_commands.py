@@ -12,6 +12,7 @@ import attrs
 from ._asgi import BadRequest, Request, Response, Router
 from ._common import error, json_object, optional, path_int, require_str
 from ._state import StubCommand, StubState
+from ._workflow import on_event
 
 # Event types the Python server de-duplicates by (execution, type, step, command_id).
 IDEMPOTENT_EVENT_TYPES = frozenset(
@@ -331,6 +332,7 @@ class CommandRoutes:
             client_event_id=item.client_event_id,
         )
         self._update_row(item)
+        on_event(state, item.execution_id, item.name, item.step, item.payload)
         return event.event_id
 
     def _find_duplicate(self, item: EventItem) -> int | None:

@@ -49,6 +49,8 @@ class MiscRoutes:
 
     def install(self, router: Router) -> None:
         add = router.add
+        add("GET", "/health", self.health)
+        add("GET", "/api/health", self.api_health)
         add("POST", "/api/worker/pool/register", self.register)
         add("POST", "/api/worker/pool/heartbeat", self.heartbeat)
         add("POST", "/api/worker/pool/deregister", self.deregister)
@@ -67,6 +69,28 @@ class MiscRoutes:
         add("POST", "/api/execute", self.execute)
         add("GET", "/api/executions/{execution_id}/status", self.execution_status)
         add("POST", "/api/executions/{execution_id}/cancel", self.cancel_execution)
+
+    # ---------------------------------------------------------------- health
+
+    async def health(self, request: Request) -> Response:
+        return Response(200, {"status": "ok"})
+
+    async def api_health(self, request: Request) -> Response:
+        """Python 4.12.1: ``{"status": "ok"}`` only; Rust: database/nats/uptime/version too
+        (what the worker's dialect probe tells them apart by)."""
+        if self.state.flavor == "python":
+            return Response(200, {"status": "ok"})
+        uptime = int(time.monotonic() - self.state.started_at)
+        return Response(
+            200,
+            {
+                "status": "ok",
+                "database": "connected",
+                "nats": "removed",
+                "uptime_seconds": uptime,
+                "version": "3.83.1",
+            },
+        )
 
     # ---------------------------------------------------------------- worker pool registry
 

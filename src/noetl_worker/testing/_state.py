@@ -16,6 +16,8 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from ._workflow import Workflow, WorkflowStep
+
 Flavor = Literal["python", "rust"]
 Sealer = Callable[[str, bytes], dict[str, Any]]
 
@@ -116,6 +118,10 @@ class ExecutionRow:
     polls: int = 0
     start_time: float = attrs.field(factory=time.time)
     end_time: float | None = None
+    # The first failure the server saw (call.error / command.failed, per flavour): sticky, as a
+    # handled error does not rescue the execution on the real server.
+    failure: str | None = None
+    failed_step: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -199,8 +205,11 @@ class StubState:
     batch_max_payload_bytes: int = 2 * 1024 * 1024
     # Called with each execution POST /api/execute creates, e.g. to enqueue its commands.
     on_execute: Callable[[ExecutionRow], None] | None = None
+    # Called with each command a workflow issues (the caller publishes its notification).
+    on_issue: Callable[[StubCommand], None] | None = None
 
     server_url: str | None = None
+    started_at: float = attrs.field(factory=time.monotonic)
     commands: dict[int, StubCommand] = attrs.field(factory=dict)
     events: list[StubEvent] = attrs.field(factory=list)
     duplicate_events: list[dict[str, Any]] = attrs.field(factory=list)
@@ -213,6 +222,9 @@ class StubState:
     keychain: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     variables: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
     executions: dict[int, ExecutionRow] = attrs.field(factory=dict)
+    # Stored step results per execution, as the server keeps them for templates (_workflow.py).
+    step_results: dict[int, dict[str, Any]] = attrs.field(factory=dict)
+    workflows: dict[int, Workflow] = attrs.field(factory=dict)
     batches: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     faults: list[Fault] = attrs.field(factory=list)
     request_log: list[RecordedRequest] = attrs.field(factory=list)
@@ -515,6 +527,72 @@ class StubState:
         row.end_time = time.time()
         self._changed()
         return row
+
+    def run_workflow(
+        self,
+        steps: Iterable[WorkflowStep],
+        *,
+        workload: Mapping[str, Any] | None = None,
+        path: str = "stub/workflow",
+    ) -> ExecutionRow:
+        """Start an execution of ``steps`` (the first is the entry) as ``POST /api/execute``
+        would; each issued command goes to ``on_issue``. The server side then routes on the
+        worker's events (``_workflow.py``) until nothing is pending."""
+        ordered = list(steps)
+        if not ordered:
+            raise ValueError("a workflow needs at least one step")
+        row = ExecutionRow(execution_id=self.next_id(), path=path, payload=dict(workload or {}))
+        self.executions[row.execution_id] = row
+        workflow = Workflow({s.name: s for s in ordered}, dict(workload or {}))
+        self.workflows[row.execution_id] = workflow
+        self._issue_workflow_step(row.execution_id, workflow, ordered[0], None)
+        return row
+
+    def _issue_workflow_step(
+        self, execution_id: int, workflow: Workflow, step: WorkflowStep, event_name: str | None
+    ) -> StubCommand:
+        render_context: dict[str, Any] = {
+            **workflow.workload,
+            "workload": dict(workflow.workload),
+            "ctx": dict(workflow.workload),
+            **self.step_results.get(execution_id, {}),
+        }
+        if event_name is not None:
+            render_context["event"] = {"name": event_name}
+        command = self.enqueue_command(
+            execution_id=execution_id,
+            step=step.name,
+            tool_kind=step.tool_kind,
+            tool_config={"kind": step.tool_kind, **step.tool_config},
+            input=step.input,
+            render_context=render_context,
+        )
+        self.executions[execution_id].current_step = step.name
+        if self.on_issue is not None:
+            self.on_issue(command)
+        return command
+
+    def execution_outcome(self, execution_id: int | str) -> str:
+        """RUNNING, COMPLETED or FAILED as the server would end the execution so far: a
+        workflow's own end; for commands a test enqueued, FAILED/COMPLETED once all are
+        terminal."""
+        row = self.executions[int(execution_id)]
+        if row.terminal:
+            return row.status
+        commands = [c for c in self.commands.values() if c.execution_id == row.execution_id]
+        if int(execution_id) in self.workflows or not commands or not all(c.terminal for c in commands):
+            return "RUNNING"
+        return "FAILED" if row.failure is not None else "COMPLETED"
+
+    def playbook_terminal(self, execution_id: int | str) -> str | None:
+        """``playbook.completed`` / ``playbook.failed`` once the server wrote it, else None."""
+        for event in self.events:
+            if event.execution_id == str(execution_id) and event.event_type in (
+                "playbook.completed",
+                "playbook.failed",
+            ):
+                return event.event_type
+        return None
 
     # ------------------------------------------------------------------ faults and log
 

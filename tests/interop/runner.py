@@ -1,0 +1,53 @@
+"""Runs every case on both stacks at once (the server, not the worker, sets the pace of one
+execution, so executions overlap), then hands each test its two runs."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import attrs
+
+from .cases import CASES, Case, Env
+from .harness import Run, Stack
+from .target import Target
+
+# per stack; the real server runs the engine for event batches one at a time, so more only queue
+CONCURRENCY = 6
+
+
+@attrs.define
+class Runner:
+    stacks: dict[str, Stack]
+    target: Target
+    pool: ThreadPoolExecutor = attrs.field(factory=lambda: ThreadPoolExecutor(max_workers=2 * CONCURRENCY))
+    futures: dict[tuple[str, str], Future[Run]] = attrs.field(factory=dict)
+
+    def env(self, worker: str) -> Env:
+        return Env(target=self.target, data_dir=self.stacks[worker].workdir / "data")
+
+    def payload(self, case: Case, worker: str) -> dict[str, object]:
+        return {"base_url": self.target.url, "data_dir": str(self.env(worker).data_dir), **case.payload}
+
+    def start_all(self) -> None:
+        if self.futures:
+            return
+        for stack in self.stacks.values():
+            for case in CASES:
+                for child in case.children:
+                    stack.register((case.path.parent / f"{child}.yaml").read_text())
+        # interleave the workers so both make progress from the start
+        for case in CASES:
+            for worker in self.stacks:
+                self.futures[(case.name, worker)] = self.pool.submit(self._run, case, worker)
+
+    def _run(self, case: Case, worker: str) -> Run:
+        return self.stacks[worker].run(
+            case.content(), self.payload(case, worker), timeout=case.timeout, worker=worker
+        )
+
+    def get(self, case: Case, worker: str) -> Run:
+        self.start_all()
+        return self.futures[(case.name, worker)].result(timeout=case.timeout + 120)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,78 @@
+"""The differential suite: every playbook under ``playbooks/`` on the real NoETL 4.12.1 server,
+once with noetl's own worker (the reference: each case is written to its truth) and once with
+ours (same outcome, same per-step event types, same stored result fields, same checked values —
+except documented improvements, asserted as such)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from . import report
+from .cases import CASES, Case, assert_case
+from .compare import compare
+from .harness import Stack
+from .runner import Runner
+from .target import Target, open_target
+
+
+@pytest.fixture(scope="session")
+def interop_target() -> Iterator[Target]:
+    with open_target() as target:
+        yield target
+
+
+@pytest.fixture(scope="session")
+def interop_runner(interop_stacks: dict[str, Stack], interop_target: Target) -> Iterator[Runner]:
+    for stack in interop_stacks.values():
+        stack.create_credential(
+            "interop_pg",
+            "postgres",
+            {
+                "db_host": stack.pg.host,
+                "db_port": str(stack.pg.port),
+                "db_user": stack.pg.user,
+                "db_password": stack.pg.password or "postgres",
+                "db_name": "test",
+            },
+        )
+        stack.create_credential("interop_bearer", "bearer", {"token": interop_target.token})
+    runner = Runner(stacks=interop_stacks, target=interop_target)
+    yield runner
+    runner.close()
+
+
+def _id(case: Case) -> str:
+    return case.name
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_noetl_worker(case: Case, interop_runner: Runner) -> None:
+    """The playbook and its expectations hold with noetl's own worker (the reference)."""
+    row = report.row(case.name, case.expect)
+    run = interop_runner.get(case, "noetl")
+    report.record_run(case.name, case.expect, "noetl", run)
+    row.reference_ok = False
+    assert_case(case, run, interop_runner.env("noetl"))
+    row.reference_ok = True
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_our_worker(case: Case, interop_runner: Runner) -> None:
+    """Our worker gives the same result as noetl's own on the same server."""
+    row = report.row(case.name, case.expect)
+    ours = interop_runner.get(case, "ours")
+    reference = interop_runner.get(case, "noetl")
+    report.record_run(case.name, case.expect, "ours", ours)
+    report.record_run(case.name, case.expect, "noetl", reference)
+    diff = compare(reference, ours)
+    row.ours_ok = False
+    if case.improvement:
+        row.verdict = f"documented: {case.improvement}" + ("" if diff.same else f" ({diff.describe()})")
+        assert_case(case, ours, interop_runner.env("ours"), ours=True)
+    else:
+        row.verdict = diff.describe()
+        assert_case(case, ours, interop_runner.env("ours"), ours=True)
+        assert diff.same, f"differs from noetl's worker: {diff.describe()}"
+    row.ours_ok = True
