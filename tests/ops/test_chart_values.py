@@ -149,6 +149,15 @@ def test_schema_rules_match_the_worker_config_rules() -> None:
 # ---------------------------------------------------------------------- image reference
 
 
+def test_an_unquoted_version_in_a_values_file_is_refused(tmp_path: Path) -> None:
+    # What a user writes: YAML reads 1.10 as the number 1.1, which would deploy the wrong image.
+    values_file = tmp_path / "my-values.yaml"
+    values_file.write_text("image:\n  tag: 1.10\n")
+    assert "at '/image/tag': got number, want string" in refused(v.load_values(values_file))
+    values_file.write_text('image:\n  tag: "1.10"\n')
+    assert v.worker_container(v.render(v.load_values(values_file)))["image"] == "noetl-worker:1.10"
+
+
 def test_image_tag_is_rendered_verbatim() -> None:
     assert v.worker_container(v.render({"image": {"tag": "1.10"}}))["image"] == "noetl-worker:1.10"
     assert v.worker_container(v.render({}))["image"] == "noetl-worker:0.1.0"  # appVersion
