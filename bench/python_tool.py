@@ -1,17 +1,24 @@
-"""Python tool: a cold ``python -c`` subprocess per call vs the warm fork-server path.
+"""Python tool: a trivial step (``def main(): return 1``) end to end through the tool, warm.
 
-Usage: PYTHONPATH=src python bench/python_tool.py [N]   (default N=200, sequential calls)
+    python bench/python_tool.py [N] [--gap SECONDS] [--cold] [--json]
 
-Both sides run the same trivial step (``def main(): return 1``) and return its JSON result; the
-cold side is what a worker that starts an interpreter per step pays.
+Measures N calls spaced by ``--gap`` (default 10 ms: commands arriving one after another, each
+finding a child already forked and waiting) and N calls back to back (the replacement child is
+still being forked when the next call comes). Reports wall time per call (p50 and mean) and the
+worker process's own CPU per call (``time.process_time``: the children run in other processes).
+``--cold`` adds a ``python -c`` subprocess per call, what a worker without a fork server pays.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import trio
 
@@ -32,7 +39,26 @@ def cold(n: int) -> float:
     return (time.perf_counter() - started) / n * 1000
 
 
-async def warm(n: int) -> tuple[float, float]:
+async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, float]:
+    walls: list[float] = []
+    cpu = 0.0
+    for _ in range(n):
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = await tool({"code": CODE}, ctx)
+        walls.append(time.perf_counter() - t0)
+        cpu += time.process_time() - c0
+        assert result.data == 1, result
+        if gap:
+            await trio.sleep(gap)
+    return {
+        "p50_ms": 1000 * statistics.median(walls),
+        "mean_ms": 1000 * statistics.fmean(walls),
+        "cpu_ms": 1000 * cpu / n,
+        "load": os.getloadavg()[0],
+    }
+
+
+async def warm(n: int, gap: float) -> dict[str, Any]:
     resources = ToolResources()
     ctx = ToolContext(
         execution_id=1,
@@ -51,26 +77,42 @@ async def warm(n: int) -> tuple[float, float]:
     try:
         started = time.perf_counter()
         first = await tool({"code": CODE}, ctx)  # includes starting the fork server
-        first_ms = (time.perf_counter() - started) * 1000
+        out: dict[str, Any] = {"first_ms": (time.perf_counter() - started) * 1000}
         assert first.data == 1
-        started = time.perf_counter()
-        for _ in range(n):
-            result = await tool({"code": CODE}, ctx)
-            assert result.data == 1, result
-        return first_ms, (time.perf_counter() - started) / n * 1000
+        await trio.sleep(0.2)
+        out["spaced"] = await series(tool, ctx, n, gap)
+        out["back_to_back"] = await series(tool, ctx, n, 0.0)
+        return out
     finally:
         await resources.aclose()
 
 
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    cold_ms = cold(n)
-    first_ms, warm_ms = trio.run(warm, n)
-    print(f"N={n} sequential calls of `def main(): return 1`")
-    print(f"cold `python -c` subprocess : {cold_ms:7.2f} ms/call")
-    print(f"warm fork server (tool run) : {warm_ms:7.2f} ms/call")
-    print(f"first warm call incl. start : {first_ms:7.1f} ms")
-    print(f"speed-up                    : {cold_ms / warm_ms:7.1f}x")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("n", nargs="?", type=int, default=200)
+    parser.add_argument("--gap", type=float, default=0.01)
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = trio.run(warm, args.n, args.gap)
+    out.update(n=args.n, gap_s=args.gap, cores=os.cpu_count())
+    if args.cold:
+        out["cold_ms"] = cold(args.n)
+    s, b = out["spaced"], out["back_to_back"]
+    print(f"N={args.n} calls of `def main(): return 1` through the python tool ({os.cpu_count()} cores)")
+    print(
+        f"spaced {args.gap * 1000:g} ms: p50 {s['p50_ms']:.2f} ms, mean {s['mean_ms']:.2f} ms, "
+        f"worker CPU {s['cpu_ms']:.2f} ms/call (load {s['load']:.2f})"
+    )
+    print(
+        f"back to back: p50 {b['p50_ms']:.2f} ms, mean {b['mean_ms']:.2f} ms, "
+        f"worker CPU {b['cpu_ms']:.2f} ms/call (load {b['load']:.2f})"
+    )
+    print(f"first call (starts the fork server): {out['first_ms']:.1f} ms")
+    if args.cold:
+        print(f"cold `python -c` subprocess per call: {out['cold_ms']:.2f} ms")
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
 
 
 if __name__ == "__main__":

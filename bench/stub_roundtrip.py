@@ -1,6 +1,6 @@
 """How many worker-shaped round trips per second the stub control plane serves.
 
-Run: .venv/bin/python bench/stub_roundtrip.py [commands]
+Run (the repository's venv): python bench/stub_roundtrip.py [commands]
 One process (client and server share the CPU), one httpx client, sequential commands, each doing
 claim + command.started + call.done + command.completed. Tells whether the stub, not the worker,
 would cap a benchmark that uses it.

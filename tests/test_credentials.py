@@ -240,3 +240,44 @@ async def test_keychain_ref_without_catalog() -> None:
         {"a": 1},
         {},
     )
+
+
+async def test_auth_map_form_merges_each_credential_into_its_entry() -> None:
+    """noetl's ``auth: {<alias>: {type, key: <credential>}}``: the entry gets the credential's
+    fields (what the playbook wrote wins), ``key`` becomes ``credential``, secrets are kept."""
+    server = FakeServer(
+        {
+            ("GET", "/api/credentials/api_token"): credential("bearer", token="tok-9"),
+            ("GET", "/api/credentials/svc"): credential("api_key", api_key="k-1", header_name="X-K"),
+        }
+    )
+    config = {
+        "kind": "http",
+        "auth": {
+            "api": {"type": "bearer", "key": "api_token"},
+            "other": {"type": "api_key", "key": "svc", "header_name": "X-Mine"},
+        },
+    }
+    out = await resolve(config, server)
+    assert out.config["auth"] == {
+        "api": {"type": "bearer", "token": "tok-9", "credential": "api_token"},
+        "other": {"type": "api_key", "api_key": "k-1", "header_name": "X-Mine", "credential": "svc"},
+    }
+    assert out.secrets == {"api_token.token": "tok-9", "svc.api_key": "k-1"}
+    again = await resolve(out.config, server)  # resolving twice fetches nothing more
+    assert again.config == out.config and len(server.calls) == 2
+
+
+async def test_auth_map_postgres_entry_supplies_the_connection() -> None:
+    server = FakeServer(
+        {
+            ("GET", "/api/credentials/pg"): credential(
+                "postgres", db_host="db", db_port="5432", db_user="u", db_password="pw", db_name="d"
+            )
+        }
+    )
+    out = await resolve({"kind": "postgres", "auth": {"main": {"type": "postgres", "key": "pg"}}}, server)
+    assert (out.config["host"], out.config["port"], out.config["database"]) == ("db", 5432, "d")
+    assert out.secrets["pg.password"] == "pw" and out.secrets["pg.db_password"] == "pw"
+    flat = await resolve({"kind": "postgres", "auth": {"type": "postgres", "key": "pg"}}, server)
+    assert flat.config["user"] == "u"

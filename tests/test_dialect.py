@@ -70,10 +70,44 @@ def test_python_success_sends_the_tools_value_as_response(events: EventFactory) 
     ]
     done = batch[2].to_json()["context"]
     assert done["response"] == {"greeting": "hello"}
-    assert done["result"] == {"status": "COMPLETED"}
+    # the server logs result as the event's result: the value's control fields, as noetl's worker
+    assert done["result"] == {"status": "COMPLETED", "context": {"greeting": "hello"}}
     assert batch[3].to_json()["context"]["status"] == "COMPLETED"
     for event in batch:
         python_server_accepts(event.to_json())
+
+
+def test_python_result_context_is_the_values_control_projection(events: EventFactory) -> None:
+    dialect = PythonDialect()
+    value = {
+        "status_code": 200,
+        "url": "http://x/",
+        "headers": {"content-type": "application/json", "set": ["a"]},
+        "data": {"big": "body"},
+        "rows": [{"a": 1}],
+        "columns": ["a"],
+        "command_1_rows": 1,
+        "command_id": 7,
+        "items": [1, 2],
+        "ref": {"kind": "result_ref", "ref": "noetl://x", "nested": {"k": 1}},
+    }
+    batch = dialect.success_events(events, inline(value), ToolResult("success", data=value), (), ())
+    done = batch[0].to_json()["context"]
+    assert done["response"] == value
+    assert done["result"] == {
+        "status": "COMPLETED",
+        "context": {
+            "status_code": 200,
+            "url": "http://x/",
+            "headers": {"content-type": "application/json"},
+            "command_id": 7,
+            "ref": {"kind": "result_ref", "ref": "noetl://x", "nested": {"k": 1}},
+        },
+    }
+    for other in ("still here", [1, 2], {"data": [1]}):
+        sent = dialect.success_events(events, inline(other), ToolResult("success", data=other), (), ())
+        assert sent[0].to_json()["context"]["result"] == {"status": "COMPLETED"}
+        python_server_accepts(sent[0].to_json())
 
 
 @pytest.mark.parametrize(

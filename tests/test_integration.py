@@ -79,8 +79,9 @@ async def test_commands_run_end_to_end(
     (done,) = payloads(stub, shell, "call.done")
     stored = stub.state.step_results[shell.execution_id]["greet"]
     if python:
-        # noetl's own worker: the tool's value as `response`, a bounded envelope as `result`.
-        assert done["result"] == {"status": "COMPLETED"}
+        # the tool's value as `response`; its control fields in the envelope the server logs
+        assert done["result"]["status"] == "COMPLETED"
+        assert done["result"]["context"]["returncode"] == 0 and "commands" not in done["result"]["context"]
         assert done["response"]["stdout"] == "hello\n" and done["response"]["returncode"] == 0
         assert stored == done["response"]
         assert (

@@ -22,7 +22,7 @@ async def _run(**config: Any) -> ToolResult:
         return await duckdb_tool.run(config, make_ctx())
 
 
-async def test_in_memory_script_with_affected_rows_and_rows() -> None:
+async def test_script_result_is_noetls_summary() -> None:
     result = await _run(
         query="""
             CREATE TABLE t (id INTEGER, note VARCHAR, amount DECIMAL(10, 2), day DATE);
@@ -30,25 +30,33 @@ async def test_in_memory_script_with_affected_rows_and_rows() -> None:
             UPDATE t SET amount = amount * 2 WHERE id = 2;
             SELECT * FROM t ORDER BY id;
         """,
-        db_type="duckdb",
+        db_type="sqlite",  # noetl playbooks name a db_type; offline, it changes nothing
     )
     assert result.status == "success", result.error
     data = result.data
-    assert [s.get("affected_rows") for s in data["statements"][:3]] == [0, 2, 1]
-    assert data["rows"] == [
-        {"id": 1, "note": "a;b", "amount": 1.5, "day": "2026-01-02"},
-        {"id": 2, "note": "c;d", "amount": 4, "day": None},
-    ]
-    assert data["row_count"] == 2
+    assert data["executed_commands"] == 4
+    assert "command_1_rows" not in data  # CREATE returns no rows
+    assert (data["command_2_rows"], data["command_2_sample"]) == (1, [[2]])  # DuckDB's count row
+    assert data["command_3_sample"] == [[1]]
+    assert data["command_4_rows"] == 2
+    assert data["command_4_sample"] == [[1, "a;b", 1.5, "2026-01-02"], [2, "c;d", 4, None]]
+    assert data["execution_id"] == "101" and data["database_path"] == ":memory:"
+    assert data["secrets_created"] == 0 and isinstance(data["task_id"], str)
+
+
+async def test_sample_keeps_five_rows_and_counts_all() -> None:
+    result = await _run(query="SELECT range AS n FROM range(12)")
+    assert result.data["command_1_rows"] == 12
+    assert result.data["command_1_sample"] == [[0], [1], [2], [3], [4]]
 
 
 async def test_params_positional_named_and_lists() -> None:
-    positional = await _run(command="SELECT ?::INT + ?::INT AS s", params=[1, 2], as_objects=False)
-    assert positional.data == {"columns": ["s"], "rows": [[3]], "row_count": 1}
+    positional = await _run(command="SELECT ?::INT + ?::INT AS s", params=[1, 2])
+    assert positional.data["command_1_sample"] == [[3]]
     numbered = await _run(query="SELECT $2::VARCHAR || $1::VARCHAR AS s", params=["a", "b"])
-    assert numbered.data["rows"] == [{"s": "ba"}]
+    assert numbered.data["command_1_sample"] == [["ba"]]
     named = await _run(query="SELECT $who::VARCHAR AS who", params={"who": "ann"})
-    assert named.data["rows"] == [{"who": "ann"}]
+    assert named.data["command_1_sample"] == [["ann"]]
 
 
 async def test_file_database_persists_between_calls(tmp_path: Path) -> None:
@@ -58,15 +66,17 @@ async def test_file_database_persists_between_calls(tmp_path: Path) -> None:
         query="CREATE TABLE k (v TIMESTAMP); INSERT INTO k VALUES (TIMESTAMP '2026-03-04 05:06:07')",
     )
     again = await _run(database=path, query="SELECT v FROM k")
-    assert again.data["rows"] == [{"v": dt.datetime(2026, 3, 4, 5, 6, 7).isoformat()}]
+    assert again.data["command_1_sample"] == [[dt.datetime(2026, 3, 4, 5, 6, 7).isoformat()]]
+    assert again.data["database_path"] == path
 
 
 async def test_error_names_statement_and_kind() -> None:
-    result = await _run(query="SELECT 1; SELECT * FROM nope")
+    result = await _run(query="SELECT 1; SELECT * FROM nope; SELECT 3")
     assert result.status == "error"
-    assert result.data["statement_index"] == 1
+    assert result.data["errors"][0]["statement_index"] == 1
     assert "CatalogException" in result.data["message"]
-    assert "statement 2 of 2" in (result.error or "")
+    assert result.data["message"].startswith("statement_1: ")
+    assert "statement 2 of 3" in (result.error or "")
 
 
 async def test_cancellation_interrupts_the_query() -> None:
@@ -80,7 +90,7 @@ async def test_cancellation_interrupts_the_query() -> None:
     ("config", "field"),
     [
         ({}, "query"),
-        ({"query": "SELECT 1", "db_type": "postgres"}, "db_type"),
+        ({"query": "SELECT 1", "db_type": 5}, "db_type"),
         ({"query": "SELECT 1", "db_path": 3}, "db_path"),
     ],
 )
@@ -98,8 +108,26 @@ async def test_concurrent_calls_on_one_file_each_use_their_own_connection(
     async with trio.open_nursery() as nursery:
         for n in range(4):
             nursery.start_soon(partial(_run, db_path=path, query="INSERT INTO c VALUES (?)", params=[n]))
-    result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n", as_objects=False)
-    assert result.data["rows"] == [[0], [1], [2], [3]]
+    result = await _run(db_path=path, query="SELECT n FROM c ORDER BY n")
+    assert result.data["command_1_sample"] == [[0], [1], [2], [3]]
+
+
+async def test_steps_of_one_execution_share_the_data_dir_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOETL_DATA_DIR", str(tmp_path))
+    with trio.fail_after(20):
+        await duckdb_tool.run(
+            {"query": "CREATE TABLE shared (n INT); INSERT INTO shared VALUES (5)"}, make_ctx()
+        )
+        later = await duckdb_tool.run({"query": "SELECT n FROM shared"}, make_ctx())
+    assert later.data["command_1_sample"] == [[5]]
+    expected = tmp_path / "noetldb" / "duckdb_101.duckdb"  # make_ctx's execution id
+    assert later.data["database_path"] == str(expected) and expected.exists()
+    monkeypatch.delenv("NOETL_DATA_DIR")
+    with trio.fail_after(20):
+        alone = await duckdb_tool.run({"query": "SELECT count(*) FROM shared"}, make_ctx())
+    assert alone.status == "error"  # without the data dir each step has its own memory database
 
 
 async def test_scripts_are_split_by_duckdbs_own_parser(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,16 +146,15 @@ async def test_scripts_are_split_by_duckdbs_own_parser(monkeypatch: pytest.Monke
         ]
     )
     assert result.status == "success", result.error
-    statements = result.data["statements"]
-    assert len(statements) == 4
-    assert statements[1]["rows"] == [{"v": 42, "s": "it's; fine", "d": " a;b "}]
-    assert statements[3]["rows"] == [{"l": [1, 2], "st": {"k": "v;w"}}]
+    assert result.data["executed_commands"] == 4
+    assert result.data["command_2_sample"] == [[42, "it's; fine", " a;b "]]
+    assert result.data["command_4_sample"] == [[[1, 2], {"k": "v;w"}]]
 
 
 async def test_a_statement_that_does_not_parse_is_named() -> None:
     result = await _run(query="SELECT 1; SELECT 2; SELEC oops; SELECT 4")
     assert result.status == "error"
-    assert result.data["statement_index"] == 2
+    assert result.data["errors"][0]["statement_index"] == 2
     assert "ParserException" in result.data["message"]
     assert "statement 3 of 4" in (result.error or "")
 

@@ -94,7 +94,7 @@ async def _run(resources: ToolResources, **config: Any) -> Any:
 async def test_post_json_echo(base_url: str, resources: ToolResources) -> None:
     result = await _run(resources, method="post", url=f"{base_url}/echo", json={"a": [1, 2]})
     assert result.status == "success"
-    body = result.data["body"]
+    body = result.data["data"]
     assert body["method"] == "POST"
     assert json.loads(body["body"]) == {"a": [1, 2]}
     assert body["headers"]["content-type"] == "application/json"
@@ -109,7 +109,7 @@ async def test_params_stringified_nulls_dropped_lists_repeated(
 ) -> None:
     params = {"n": 3, "f": 1.5, "b": True, "none": None, "tags": ["x", "y"], "s": "a b"}
     result = await _run(resources, endpoint=f"{base_url}/echo", params=params)
-    query = result.data["body"]["query"]
+    query = result.data["data"]["query"]
     assert query == [
         ["n", "3"],
         ["f", "1.5"],
@@ -128,15 +128,15 @@ async def test_string_body_sent_raw(base_url: str, resources: ToolResources) -> 
         body="<x/>",
         headers={"Content-Type": "application/xml"},
     )
-    assert result.data["body"]["body"] == "<x/>"
-    assert result.data["body"]["headers"]["content-type"] == "application/xml"
+    assert result.data["data"]["body"] == "<x/>"
+    assert result.data["data"]["headers"]["content-type"] == "application/xml"
 
 
 async def test_python_worker_data_rules(base_url: str, resources: ToolResources) -> None:
     got = await _run(resources, method="GET", url=f"{base_url}/echo", data={"q": "v"})
-    assert got.data["body"]["query"] == [["q", "v"]]
+    assert got.data["data"]["query"] == [["q", "v"]]
     posted = await _run(resources, method="POST", url=f"{base_url}/echo", data={"q": "v"})
-    assert json.loads(posted.data["body"]["body"]) == {"q": "v"}
+    assert json.loads(posted.data["data"]["body"]) == {"q": "v"}
     form = await _run(
         resources,
         method="POST",
@@ -144,7 +144,7 @@ async def test_python_worker_data_rules(base_url: str, resources: ToolResources)
         data={"q": "v w"},
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
-    assert form.data["body"]["body"] == "q=v+w"
+    assert form.data["data"]["body"] == "q=v+w"
     multipart = await _run(
         resources,
         method="POST",
@@ -152,7 +152,7 @@ async def test_python_worker_data_rules(base_url: str, resources: ToolResources)
         data={"q": "v"},
         headers={"Content-Type": "multipart/form-data"},
     )
-    echoed = multipart.data["body"]
+    echoed = multipart.data["data"]
     assert echoed["headers"]["content-type"].startswith("multipart/form-data; boundary=")
     assert 'name="q"' in echoed["body"]
     split = await _run(
@@ -161,23 +161,23 @@ async def test_python_worker_data_rules(base_url: str, resources: ToolResources)
         url=f"{base_url}/echo",
         data={"query": {"page": 2}, "body": {"k": 1}},
     )
-    assert split.data["body"]["query"] == [["page", "2"]]
-    assert json.loads(split.data["body"]["body"]) == {"k": 1}
+    assert split.data["data"]["query"] == [["page", "2"]]
+    assert json.loads(split.data["data"]["body"]) == {"k": 1}
 
 
 async def test_form_urlencoded(base_url: str, resources: ToolResources) -> None:
     result = await _run(resources, method="POST", url=f"{base_url}/echo", form={"a": 1})
-    assert result.data["body"]["body"] == "a=1"
+    assert result.data["data"]["body"] == "a=1"
 
 
 async def test_text_and_binary_bodies(base_url: str, resources: ToolResources) -> None:
     text = await _run(resources, url=f"{base_url}/text")
-    assert text.data["body"] == "héllo"
+    assert text.data["data"] == "héllo"
     binary = await _run(resources, url=f"{base_url}/binary")
-    assert binary.data["body"] == {"base64": base64.b64encode(PNG).decode(), "size": len(PNG)}
+    assert binary.data["data"] == {"base64": base64.b64encode(PNG).decode(), "size": len(PNG)}
     forced = await _run(resources, url=f"{base_url}/echo", response_type="text")
-    assert isinstance(forced.data["body"], str)
-    assert json.loads(forced.data["body"])["method"] == "GET"
+    assert isinstance(forced.data["data"], str)
+    assert json.loads(forced.data["data"])["method"] == "GET"
 
 
 @pytest.mark.parametrize("code", [404, 500])
@@ -186,9 +186,9 @@ async def test_non_2xx_is_an_error_result_with_body(
 ) -> None:
     result = await _run(resources, url=f"{base_url}/status/{code}")
     assert result.status == "error"
-    assert result.error == f"HTTP {code}"
+    assert result.error == {404: "HTTP 404: Not Found", 500: "HTTP 500: Internal Server Error"}[code]
     assert result.data["status_code"] == code
-    assert result.data["body"] == {"detail": "nope"}
+    assert result.data["data"] == {"detail": "nope"}
 
 
 async def test_total_deadline_stops_a_dribbling_response(base_url: str, resources: ToolResources) -> None:
@@ -229,7 +229,47 @@ async def test_auth_headers(base_url: str, resources: ToolResources) -> None:
     for auth, header, expected in configs:
         with trio.fail_after(10):
             result = await http.run({"url": url, "auth": auth}, ctx)
-        assert result.data["body"]["headers"][header] == expected, auth
+        assert result.data["data"]["headers"][header] == expected, auth
+
+
+async def test_auth_map_form_as_noetl_playbooks_write_it(base_url: str, resources: ToolResources) -> None:
+    # What the worker hands the tool after resolving ``auth: {api: {type: bearer, key: <cred>}}``:
+    # each entry carries its credential's fields.
+    ctx = make_ctx(resources, secrets={"svc": "from-store"})
+    url = f"{base_url}/echo"
+    configs: list[tuple[dict[str, Any], str, str]] = [
+        ({"api": {"type": "bearer", "token": "tok-1", "credential": "c1"}}, "authorization", "Bearer tok-1"),
+        ({"api": {"type": "bearer", "credential": "svc"}}, "authorization", "Bearer from-store"),
+        ({"k": {"type": "api_key", "header_name": "X-Svc", "value": "v-2"}}, "x-svc", "v-2"),
+        (
+            {"b": {"type": "basic", "username": "ann", "password": "pw"}},
+            "authorization",
+            "Basic " + base64.b64encode(b"ann:pw").decode(),
+        ),
+    ]
+    for auth, header, expected in configs:
+        with trio.fail_after(10):
+            result = await http.run({"url": url, "auth": auth}, ctx)
+        assert result.status == "success", result.error
+        assert result.data["data"]["headers"][header] == expected, auth
+    # Every entry applies; a map entry replaces a header the playbook set, as in noetl's worker.
+    both = {
+        "one": {"type": "api_key", "header_name": "X-One", "value": "1"},
+        "two": {"type": "bearer", "token": "tok-2"},
+    }
+    with trio.fail_after(10):
+        result = await http.run({"url": url, "auth": both, "headers": {"Authorization": "old"}}, ctx)
+    headers = result.data["data"]["headers"]
+    assert (headers["x-one"], headers["authorization"]) == ("1", "Bearer tok-2")
+
+
+async def test_auth_map_entry_without_a_secret_names_the_entry(resources: ToolResources) -> None:
+    with pytest.raises(ToolConfigError) as info:
+        await http.run(
+            {"url": "http://x", "auth": {"api": {"type": "bearer", "key": "cred"}}}, make_ctx(resources)
+        )
+    assert info.value.field == "auth.api"
+    assert "key" in str(info.value)
 
 
 async def test_rendering_applies_to_url_headers_params_and_body(
@@ -249,14 +289,14 @@ async def test_rendering_applies_to_url_headers_params_and_body(
     ctx = make_ctx(resources, render=render)
     config = {
         "method": "POST",
-        "url": "{{ base }}/echo",
+        "endpoint": "{{ base }}/echo",
         "headers": {"X-Who": "{{ who }}"},
         "params": {"who": "{{ who }}"},
         "payload": {"who": "{{ who }}"},
     }
     with trio.fail_after(10):
         result = await http.run(config, ctx)
-    echoed = result.data["body"]
+    echoed = result.data["data"]
     assert echoed["headers"]["x-who"] == "ann"
     assert echoed["query"] == [["who", "ann"]]
     assert json.loads(echoed["body"]) == {"who": "ann"}

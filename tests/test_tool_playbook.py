@@ -76,7 +76,8 @@ async def test_waits_for_completion_with_the_slot_released_while_polling(
 ) -> None:
     status = "GET /api/executions/555/status"
     server = ScriptedServer({"POST /api/execute": [STARTED], status: [RUNNING, RUNNING, DONE]})
-    result, slots = await _run(server, {"path": "child/pb", "payload": {"k": "v"}, "version": 2})
+    config = {"path": "child/pb", "payload": {"k": "v"}, "version": 2, "return_step": "end"}
+    result, slots = await _run(server, config)
     assert result.status == "success"
     assert result.data == {**DONE, "execution_id": "555"}
     assert server.calls[0] == (
@@ -97,19 +98,20 @@ async def test_transient_errors_are_retried(autojump_clock: trio.abc.Clock) -> N
             status: [TransportError("reset"), HTTPStatusError(502, "bad gw"), RUNNING, DONE],
         }
     )
-    result, _ = await _run(server, {"catalog_id": 9, "args": {"a": 1}})
+    result, _ = await _run(server, {"catalog_id": 9, "args": {"a": 1}, "input": {"b": 2}, "wait": True})
     assert result.status == "success"
     assert server.calls[0][2]["catalog_id"] == "9"
-    assert server.calls[0][2]["payload"] == {"a": 1}
+    assert server.calls[0][2]["payload"] == {"a": 1, "b": 2}  # args and input merged, as noetl does
     assert len(server.calls) == 6
 
 
-async def test_failed_child_is_an_error_result(autojump_clock: trio.abc.Clock) -> None:
-    failed = {"execution_id": "555", "completed": True, "failed": True}
+async def test_failed_child_is_its_status_document(autojump_clock: trio.abc.Clock) -> None:
+    # noetl's worker stores the failed child's status and lets the parent route on it.
+    failed = {"execution_id": "555", "completed": False, "failed": True, "current_step": "b"}
     server = ScriptedServer({"POST /api/execute": [STARTED], "GET /api/executions/555/status": [failed]})
-    result, _ = await _run(server, {"path": "p"})
-    assert result.status == "error"
-    assert "555 failed" in (result.error or "")
+    result, _ = await _run(server, {"path": "p", "return_step": "end"})
+    assert result.status == "success"
+    assert result.data == failed
 
 
 async def test_status_strings_are_understood(autojump_clock: trio.abc.Clock) -> None:
@@ -119,7 +121,7 @@ async def test_status_strings_are_understood(autojump_clock: trio.abc.Clock) -> 
             "GET /api/executions/555/status": [{"status": "RUNNING"}, {"status": "COMPLETED"}],
         }
     )
-    result, _ = await _run(server, {"path": "p"})
+    result, _ = await _run(server, {"path": "p", "return_step": "end"})
     assert result.status == "success"
 
 
@@ -128,7 +130,8 @@ async def test_timeout_reports_the_last_status(autojump_clock: trio.abc.Clock) -
     slots = SlotRecorder(server)
     with trio.fail_after(3600):
         result = await playbook.run(
-            {"path": "p", "timeout": 30}, make_ctx(server=server, release_slot=slots.release)
+            {"path": "p", "timeout": 30, "return_step": "end"},
+            make_ctx(server=server, release_slot=slots.release),
         )
     assert result.status == "timeout"
     assert result.data["current_step"] == "a"
@@ -156,13 +159,13 @@ async def test_unreachable_server_on_execute_is_an_error_after_retries(
     assert len(server.calls) == playbook.EXECUTE_ATTEMPTS
 
 
-async def test_fire_and_forget_returns_the_execute_answer() -> None:
+@pytest.mark.parametrize("extra", [{}, {"return_step": "end", "wait": False}])
+async def test_without_return_step_it_does_not_wait(extra: dict[str, Any]) -> None:
     server = ScriptedServer({"POST /api/execute": [STARTED]})
-    result, slots = await _run(
-        server, {"path": "p", "wait": False, "input": {"x": 1}, "parent_execution_id": 7}
-    )
+    result, slots = await _run(server, {"path": "p", "input": {"x": 1}, "parent_execution_id": 7, **extra})
     assert result.status == "success"
-    assert result.data == {**STARTED, "execution_id": "555"}
+    assert result.data == {"status": "started", "execution_id": "555", "path": "p", "data": STARTED}
+    assert len(server.calls) == 1
     assert server.calls[0][2]["parent_execution_id"] == "7"
     assert slots.log == []
 

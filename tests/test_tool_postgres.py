@@ -58,7 +58,8 @@ async def test_script_with_rows_and_affected_counts(resources: ToolResources, ta
     assert result.status == "success", result.error
     data = result.data
     assert data["statement_count"] == 3
-    assert data["statements"][1] == {"affected_rows": 2}
+    assert data["status"] == "success"  # the last statement's result, as noetl's worker stores it
+    assert "statements" not in data
     assert data["columns"] == ["id", "note", "amount", "at", "u", "raw"]
     assert data["row_count"] == 2
     assert data["rows"][0] == {
@@ -77,7 +78,13 @@ async def test_rows_as_lists_and_params(resources: ToolResources) -> None:
     lists = await _run(
         resources, command="SELECT %s::int AS a, %s::text AS b", params=[1, "x"], as_objects=False
     )
-    assert lists.data == {"columns": ["a", "b"], "rows": [[1, "x"]], "row_count": 1}
+    assert lists.data == {
+        "status": "success",
+        "columns": ["a", "b"],
+        "rows": [[1, "x"]],
+        "row_count": 1,
+        "statement_count": 1,
+    }
     named = await _run(resources, sql="SELECT %(v)s::int * 2 AS twice", params={"v": 21})
     assert named.data["rows"] == [{"twice": 42}]
     # The Rust worker's $n markers, repeated and out of order, beside a literal '%'.
@@ -93,12 +100,28 @@ async def test_base64_query_field(resources: ToolResources) -> None:
     assert result.data["rows"] == [{"source": "b64"}]
 
 
+async def test_dml_result_and_sql_aliases(resources: ToolResources, table: str) -> None:
+    await _run(resources, commands=[f"CREATE TABLE {table} (n int)"])
+    result = await _run(resources, cmds=[f"INSERT INTO {table} VALUES (1), (2)"])
+    assert result.data == {
+        "status": "success",
+        "row_count": 2,
+        "message": "Command executed. 2 rows affected.",
+        "statement_count": 1,
+    }
+    counted = await _run(resources, queries=[f"SELECT count(*) AS n FROM {table}"])
+    assert counted.data["rows"] == [{"n": 2}]
+
+
 async def test_sql_error_reports_sqlstate_and_statement(resources: ToolResources) -> None:
     result = await _run(resources, query="SELECT 1; SELECT * FROM no_such_table_here; SELECT 3")
     assert result.status == "error"
+    assert result.data["status"] == "error"
     assert result.data["sqlstate"] == "42P01"
-    assert result.data["statement_index"] == 1
-    assert "no_such_table_here" in result.data["message"]
+    assert result.data["errors"][0]["statement_index"] == 1
+    assert "no_such_table_here" in result.data["errors"][0]["message"]
+    assert result.data["message"].startswith("statement_1: ")
+    assert result.data["statement_count"] == 2  # the third statement did not run
     assert "SQLSTATE 42P01" in (result.error or "")
     again = await _run(resources, query="SELECT 2 AS ok")  # the pooled connection survived
     assert again.data["rows"] == [{"ok": 2}]
@@ -130,7 +153,7 @@ async def test_connection_failure_is_an_error_result(resources: ToolResources) -
         resources, connection_string=f"postgresql://postgres@127.0.0.1:{port}/x", query="SELECT 1"
     )
     assert result.status == "error"
-    assert result.data["statement_index"] is None
+    assert result.data["status"] == "error" and "errors" not in result.data
 
 
 async def test_cancel_stops_the_query_on_the_server(resources: ToolResources) -> None:

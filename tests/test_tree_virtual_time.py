@@ -113,6 +113,28 @@ async def test_command_timeout_reports_timeout_and_acks(autojump_clock: trio.abc
         state.stop.set()
 
 
+@pytest.mark.parametrize(("server", "beats"), [("python", 2), ("rust", 0)])
+async def test_a_long_command_sends_heartbeats_to_the_python_server_only(
+    autojump_clock: trio.abc.Clock, server: str, beats: int
+) -> None:
+    bus, plane = FakeBus(), FakePlane()
+    if server == "rust":
+        plane.health = RUST_HEALTH
+    async with trio.open_nursery() as nursery:
+        state = await start_tree(nursery, settings(), bus, plane)
+        bus.publish(plane.add(1, "test_sleep", {"seconds": 40}))
+        await plane.wait_terminal("cmd-1")
+        heartbeats = [e for e in plane.events if e.event_type == "command.heartbeat"]
+        # noetl's own worker: one per 15 s while the tool runs, none after it returned
+        assert len(heartbeats) == beats
+        for beat in heartbeats:
+            assert beat.context == {"command_id": "cmd-1", "worker_id": state.runtime.settings.worker_id}  # type: ignore[union-attr]
+            assert beat.to_json()["actionable"] is False
+        await trio.sleep(60)
+        assert len([e for e in plane.events if e.event_type == "command.heartbeat"]) == beats
+        state.stop.set()
+
+
 async def test_worker_cap_bounds_the_tool_timeout(autojump_clock: trio.abc.Clock) -> None:
     bus, plane = FakeBus(), FakePlane()
     async with trio.open_nursery() as nursery:

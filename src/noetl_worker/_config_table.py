@@ -257,9 +257,16 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
     ),
     (
         "Tools",
+        "NOETL_DATA_DIR",
+        "unset",
+        "a writable directory",
+        "Where a duckdb step without database / db_path keeps its database: <dir>/noetldb/duckdb_<execution_id>.duckdb, one file per execution shared by its steps (noetl's worker does the same). Unset: such a step uses an in-memory database of its own. The worker never deletes these files.",
+    ),
+    (
+        "Tools",
         "NOETL_PYTHON_MEMORY_LIMIT_MB",
         "1024",
         "integer ≥ 0",
-        "Address-space limit (RLIMIT_AS) of each python tool child process, in MiB; 0 = no limit. A memory bomb fails that one step with a MemoryError, never the worker. Keep it (times WORKER_MAX_CONCURRENT) inside the pod's memory limit, or the OOM killer acts first; the Helm chart derives it from the limit.",
+        "Address-space limit (RLIMIT_AS) of each python tool child process, in MiB; 0 = no limit. Set once on the python fork server when it starts (its children inherit it). A memory bomb fails that one step with a MemoryError, never the worker. Keep it (times WORKER_MAX_CONCURRENT) inside the pod's memory limit, or the OOM killer acts first; the Helm chart derives it from the limit.",
     ),
 )

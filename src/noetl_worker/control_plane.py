@@ -20,8 +20,10 @@ from typing import Any
 
 import attrs
 import httpx
+import orjson
 import trio
 
+from ._wire import BodyTooLarge, Wire, WireError
 from .config import Settings, normalize_server_url
 from .dialect import conflict_details  # the two servers' 409 bodies
 from .errors import HTTPStatusError, TransportError
@@ -34,6 +36,8 @@ from .retry import EVENT_RETRY as EVENT_RETRY
 from .retry import ONCE as ONCE
 from .retry import RetryPolicy as RetryPolicy
 from .retry import parse_retry_after
+
+__all__ = ["BodyTooLarge", "ControlPlane"]  # BodyTooLarge: ``request(max_body=…)`` past the limit
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,11 @@ class Response:
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    # orjson: ~6 µs for a three-event batch where json takes ~37 µs; json for what it refuses.
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
 # ---- claim outcomes -------------------------------------------------------------------------
@@ -108,6 +116,8 @@ class ControlPlane:
     client: httpx.AsyncClient
     settings: Settings
     metrics: Metrics
+    # The lean keep-alive path for the two requests every command makes (claim, events).
+    wire: Wire = attrs.field(factory=Wire)
     # Servers that answered 404/405 to /api/events/batch: single events from then on.
     _no_batch: set[str] = attrs.field(factory=set)
 
@@ -124,10 +134,12 @@ class ControlPlane:
             limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30),
             follow_redirects=False,
         )
+        wire = Wire(headers=[(k.encode(), v.encode()) for k, v in headers.items()], max_idle=size)
         try:
-            yield cls(client, settings, metrics)
+            yield cls(client, settings, metrics, wire)
         finally:
             with trio.CancelScope(shield=True):
+                await wire.aclose()
                 await client.aclose()
 
     def base(self, server_url: str | None) -> str:
@@ -144,15 +156,27 @@ class ControlPlane:
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = REQUEST_TIMEOUT,
+        hot: bool = False,
+        max_body: int | None = None,
     ) -> Response:
-        """One attempt. Raises TransportError; returns any HTTP status."""
-        url = self.base(server_url) + path
+        """One attempt. Raises TransportError (or ``BodyTooLarge`` past ``max_body`` bytes on
+        the ``hot`` path); returns any HTTP status. ``hot`` requests (claim, events) take the
+        lean keep-alive path; everything else goes through httpx."""
+        base = self.base(server_url)
+        url = base + path
         content = raw if raw is not None else dumps(body) if body is not None else None
         try:
             with trio.fail_after(timeout):
+                if hot and params is None:
+                    w = await self.wire.request(
+                        method, base, path, body=content or b"", headers=headers, max_body=max_body
+                    )
+                    return Response(w.status, w.body, w.headers)
                 r = await self.client.request(method, url, content=content, params=params, headers=headers)
         except trio.TooSlowError:
             raise TransportError(f"{method} {url}: no answer within {timeout:g}s") from None
+        except WireError as exc:
+            raise TransportError(f"{method} {url}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         return Response(r.status_code, r.content, r.headers)
@@ -169,6 +193,7 @@ class ControlPlane:
         headers: Mapping[str, str] | None = None,
         policy: RetryPolicy = ONCE,
         on_retry: Any = None,
+        hot: bool = False,
     ) -> Response:
         """Request with retries for retryable failures; a non-2xx final answer raises."""
         attempt = 0
@@ -177,7 +202,7 @@ class ControlPlane:
             retry_after: float | None = None
             try:
                 response = await self.request(
-                    method, server_url, path, body=body, raw=raw, params=params, headers=headers
+                    method, server_url, path, body=body, raw=raw, params=params, headers=headers, hot=hot
                 )
             except TransportError:
                 if attempt >= policy.attempts:
@@ -209,7 +234,7 @@ class ControlPlane:
         while True:
             attempt += 1
             try:
-                r = await self.request("POST", server_url, path, body=body)
+                r = await self.request("POST", server_url, path, body=body, hot=True)
             except TransportError as exc:
                 reason, retry_after = str(exc), None
             else:
@@ -265,6 +290,7 @@ class ControlPlane:
                     body=event.to_json(),
                     policy=policy,
                     on_retry=self.metrics.emit_retries.labels(event.event_type).inc,
+                    hot=True,
                 )
 
     async def _emit_batch(self, base: str, events: Sequence[Event], policy: RetryPolicy) -> None:
@@ -283,6 +309,7 @@ class ControlPlane:
             headers={"idempotency-key": key},
             policy=policy,
             on_retry=self.metrics.emit_retries.labels(events[-1].event_type).inc,
+            hot=True,
         )
 
     @attrs.define

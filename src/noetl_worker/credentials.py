@@ -208,11 +208,79 @@ def _alias(config: Mapping[str, Any]) -> str | None:
 async def _resolve_one(config: Mapping[str, Any], fetch: _Fetcher) -> tuple[dict[str, Any], dict[str, str]]:
     alias = _alias(config)
     if alias is None:
-        return dict(config), {}
+        return await _resolve_auth_map(config, fetch)
     credential = await fetch(alias)
     # String aliases go; an object ``auth`` is the playbook's own and stays.
     out = {k: v for k, v in config.items() if not (k in ("auth", "credential") and isinstance(v, str))}
     return out, _apply(out, alias, credential)
+
+
+# Fields of a credential's data that are secret (scrubbed from results); the rest (host, user,
+# header name, …) may legitimately appear in results.
+_SECRET_FIELDS: Final = frozenset(
+    {
+        "token", "access_token", "bearer_token", "password", "db_password", "api_key", "value",
+        "secret", "client_secret", "private_key", "private_key_passphrase", "nats_password",
+        "nats_token", "secret_access_key",
+    }
+)  # fmt: skip
+
+
+def _auth_entries(auth: Mapping[str, Any]) -> list[tuple[str | None, Mapping[str, Any]]]:
+    """The entries of an ``auth`` object that name a stored credential by ``key``.
+
+    Two forms: flat ``{type, key, …}`` (entry name ``None``), and noetl's map form
+    ``{<alias>: {type, key, …}, …}``.
+    """
+    if isinstance(auth.get("key"), str):
+        return [(None, auth)]
+    return [
+        (str(name), entry)
+        for name, entry in auth.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("key"), str) and entry["key"].strip()
+    ]
+
+
+async def _resolve_auth_map(
+    config: Mapping[str, Any], fetch: _Fetcher
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Resolve ``auth: {type, key}`` / ``auth: {<alias>: {type, key}}`` (noetl's forms).
+
+    Each entry's credential data is merged into the entry (what the playbook wrote wins) and
+    ``key`` becomes ``credential``, so resolving twice fetches once. A ``postgres`` entry also
+    supplies the connection fields the postgres tool reads, as a string ``auth`` does.
+    """
+    out = dict(config)
+    auth = out.get("auth")
+    if not isinstance(auth, Mapping):
+        return out, {}
+    entries = _auth_entries(auth)
+    if not entries:
+        return out, {}
+    secrets: dict[str, str] = {}
+    resolved: dict[str, Any] = dict(auth)
+    connection_applied = False
+    for name, entry in entries:
+        key = str(entry["key"]).strip()
+        credential = await fetch(key)
+        data: Mapping[str, Any] = credential["data"]
+        merged = {k: v for k, v in data.items() if k not in entry}
+        merged.update({k: v for k, v in entry.items() if k != "key"})
+        merged["credential"] = key
+        merged.setdefault("type", credential.get("type"))
+        for field, value in merged.items():
+            if field in _SECRET_FIELDS:
+                _secret(secrets, f"{key}.{field}", value)
+        kind = str(merged.get("type") or "").lower()
+        if kind == "postgres" and not connection_applied:
+            connection_applied = True
+            secrets.update(_apply(out, key, {**credential, "type": "postgres"}))
+        if name is None:
+            resolved = merged
+        else:
+            resolved[name] = merged
+    out["auth"] = resolved
+    return out, secrets
 
 
 class _Fetcher:

@@ -40,6 +40,7 @@ DEFAULT_DIALECT: Final[DialectName] = "python"
 # A probe that failed in transport is tried again after this long (meanwhile: the default).
 REPROBE_AFTER: Final = 30.0
 PROBE_TIMEOUT: Final = 5.0
+COMMAND_HEARTBEAT_INTERVAL: Final = 15.0
 HEALTH_PATH: Final = "/api/health"
 # Keys only the Rust server's /api/health answer has (the Python one is {"status": "ok"}).
 _RUST_HEALTH_KEYS: Final = frozenset({"version", "nats", "database", "uptime_seconds"})
@@ -85,8 +86,17 @@ class Dialect(Protocol):
         workers next to us can read it; the Python server cannot)."""
         ...
 
+    @property
+    def heartbeat_interval(self) -> float | None:
+        """Seconds between ``command.heartbeat`` events while the tool runs (None: none)."""
+        ...
+
     def start_events(self, events: EventFactory) -> list[Event]:
         """What goes out when the command starts."""
+        ...
+
+    def heartbeat(self, events: EventFactory) -> Event:
+        """One ``command.heartbeat`` (only asked for when ``heartbeat_interval`` is set)."""
         ...
 
     def tool_failed(self, result: ToolResult, tool_kind: str) -> bool:
@@ -156,9 +166,13 @@ class RustDialect:
 
     name: DialectName = "rust"
     stages_shared_memory: bool = True
+    heartbeat_interval: float | None = None  # the Rust worker sends none
 
     def start_events(self, events: EventFactory) -> list[Event]:
         return [events.started()]
+
+    def heartbeat(self, events: EventFactory) -> Event:
+        raise NotImplementedError("the Rust dialect sends no command heartbeats")
 
     def tool_failed(self, result: ToolResult, tool_kind: str) -> bool:
         # The Rust server reads the tool status from call.done; a failed result is still a result.
@@ -218,6 +232,8 @@ class PythonDialect:
     loop: Mapping[str, Any] = attrs.field(factory=dict)  # loop_fields() of the command
     name: DialectName = "python"
     stages_shared_memory: bool = False
+    # noetl's own worker: one stored-only command.heartbeat per 15 s while the tool runs.
+    heartbeat_interval: float | None = COMMAND_HEARTBEAT_INTERVAL
 
     def for_command(self, meta: Mapping[str, Any]) -> PythonDialect:
         return attrs.evolve(self, loop=loop_fields(meta))
@@ -227,6 +243,10 @@ class PythonDialect:
             events.started(),
             events.make("step.enter", "RUNNING", {"status": "started", "command_id": events.command_id}),
         ]
+
+    def heartbeat(self, events: EventFactory) -> Event:
+        payload = {"command_id": events.command_id, "worker_id": events.worker_id}
+        return events.make("command.heartbeat", "RUNNING", payload, actionable=False)
 
     def tool_failed(self, result: ToolResult, tool_kind: str) -> bool:
         if result.status != "success":
@@ -258,6 +278,11 @@ class PythonDialect:
         if reported is not None:
             if reported.inline:
                 payload["response"] = reported.value
+                # The server logs ``result`` as the event's result; noetl's worker puts the
+                # value's control fields there (``{status}`` alone left the log without them).
+                context = control_context(reported.value)
+                if context:
+                    envelope["context"] = context
             elif reported.reference is not None:
                 # The server resolves result.reference.ref into the step result.
                 envelope["reference"] = reported.reference
@@ -397,6 +422,49 @@ def _error_text(result: ToolResult) -> str:
 
 
 # ---- telling the servers apart ----------------------------------------------------------
+
+
+# Data-plane fields noetl's worker keeps out of an event's ``result.context``.
+_NOT_CONTROL = frozenset(
+    {
+        "_ref", "_preview", "_size_bytes", "_store", "_store_failed", "_store_error", "_inline",
+        "_internal_data", "data", "response", "result", "payload", "rows", "columns",
+    }
+)  # fmt: skip
+
+
+def _control_key(key: str) -> bool:
+    return key not in _NOT_CONTROL and (not key.startswith("command_") or key == "command_id")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def control_context(value: Any) -> dict[str, Any] | None:
+    """The bounded projection of a value noetl's worker sends as ``result.context``: its
+    scalar fields, and of each object field its scalar fields (references whole), without the
+    data-plane fields (``data``, ``rows``, ``columns``, ``command_<n>_*``, …). ``None`` when
+    nothing is left or the value is not an object. (A ``context`` object inside the value is
+    projected instead of the value.)"""
+    if not isinstance(value, Mapping):
+        return None
+    inner = value.get("context")
+    candidate: Mapping[str, Any] = inner if isinstance(inner, Mapping) else value
+    out: dict[str, Any] = {}
+    for raw_key, child in candidate.items():
+        key = str(raw_key)
+        if not _control_key(key):
+            continue
+        if _scalar(child):
+            out[key] = child
+        elif isinstance(child, Mapping) and child.get("kind") in ("temp_ref", "result_ref"):
+            out[key] = dict(child)
+        elif isinstance(child, Mapping):
+            nested = {str(k): v for k, v in child.items() if _scalar(v) and _control_key(str(k))}
+            if nested:
+                out[key] = nested
+    return out or None
 
 
 def classify_health(status: int, body: bytes) -> DialectName | None:

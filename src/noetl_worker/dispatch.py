@@ -58,6 +58,7 @@ WAITING_DEFAULT_TIMEOUT = 300.0  # the playbook tool's own default
 WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
 NAK_DELAY_SHUTDOWN = 0.0
+HEARTBEAT_RETRY = RetryPolicy(attempts=2)
 
 
 class Hooks(Protocol):
@@ -150,8 +151,7 @@ class Command:
         return 0, 0
 
     def tool_config(self) -> dict[str, Any]:
-        """The tool config as the Rust worker builds it (``context.tool_config``, ``args``), plus the
-        Python server's ``input`` block."""
+        """The tool config as the Rust worker assembles it, plus the Python server's ``input`` block."""
         raw = self.context.get("tool_config")
         if isinstance(raw, Mapping):
             config = dict(raw)
@@ -365,6 +365,10 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     kind = command.tool_kind
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.send_after, COALESCE_WINDOW)
+        if dialect.heartbeat_interval is not None:
+            nursery.start_soon(
+                _heartbeats, rt, command.server_url, dialect, events, dialect.heartbeat_interval
+            )
         outcome = await _execute(rt, command, ctx)
         await sender.stop()
         nursery.cancel_scope.cancel()
@@ -499,6 +503,19 @@ async def _report(
     assert patience.cancelled_caught
     log.error("terminal events not delivered within %.0fs; nak for redelivery", TERMINAL_PATIENCE)
     return Settle.NAK, 30.0
+
+
+async def _heartbeats(
+    rt: Runtime, server_url: str, dialect: Dialect, events: EventFactory, interval: float
+) -> None:
+    """``command.heartbeat`` every ``interval`` s while the tool runs; a lost one is only logged
+    (the server stores them, nothing depends on them)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            await rt.plane.emit(server_url, [dialect.heartbeat(events)], policy=HEARTBEAT_RETRY)
+        except ControlPlaneError as exc:
+            log.debug("command heartbeat not delivered: %s", exc)
 
 
 @attrs.define(eq=False)

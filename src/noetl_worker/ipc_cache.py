@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
+import orjson
 
 from .errors import WorkerError
 
@@ -49,14 +50,24 @@ class IpcHintError(WorkerError):
 class EncodedPayload:
     """The bytes staged in shared memory and how to interpret them."""
 
-    data: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    data: bytes | memoryview = attrs.field(repr=lambda b: f"<{len(b)} bytes>")  # Arrow: a view of its buffer
     media_type: str
     schema_digest: str  # "arrow" or "json"
     row_count: int | None = None
 
 
 def compact_json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON. orjson (C, ~10x json's speed on a 50 MB result); what it refuses
+    (integers past 64 bits, unknown types) goes through json as before."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _all_mappings(rows: list[Any]) -> bool:
+    # The type set is gathered in C; the ABC check per row only for rows that are not dicts.
+    return set(map(type, rows)) == {dict} or all(isinstance(r, Mapping) for r in rows)
 
 
 def _tabular(result_json: Mapping[str, Any]) -> tuple[list[Any], list[str] | None] | None:
@@ -71,27 +82,62 @@ def _tabular(result_json: Mapping[str, Any]) -> tuple[list[Any], list[str] | Non
         names: list[str] | None = None
         if isinstance(columns, list) and columns:
             names = [str(c.get("name")) if isinstance(c, Mapping) else str(c) for c in columns]
-        if names is not None or all(isinstance(r, Mapping) for r in rows):
+        if names is not None or _all_mappings(rows):
             return rows, names
     return None
 
 
-def _arrow_stream(rows: list[Any], names: list[str] | None) -> bytes:
+_BATCH_ROWS = 32_768
+
+
+def _arrow_stream(rows: list[Any], names: list[str] | None) -> memoryview:
+    """The rows as an Arrow IPC stream, returned as a view of Arrow's buffer (no Python copy)."""
     import pyarrow as pa
 
-    if all(isinstance(r, Mapping) for r in rows):
-        table = pa.Table.from_pylist(rows)
+    if _all_mappings(rows):
+        try:
+            batches = _row_batches(pa, rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError):
+            batches = pa.Table.from_pylist(rows).to_batches()  # one conversion decides the types
     else:
         if names is None or not all(isinstance(r, list | tuple) for r in rows):
             raise TypeError("rows are neither objects nor lists matching columns")
         if any(len(r) != len(names) for r in rows):
             raise ValueError("a row's length differs from the number of columns")
         columns = [pa.array([r[i] for r in rows]) for i in range(len(names))]
-        table = pa.Table.from_arrays(columns, names=names)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
+        batches = pa.Table.from_arrays(columns, names=names).to_batches()
+        del columns
+    # Size the stream first (a mock stream only counts), then write it into a buffer of exactly
+    # that size: a growing output buffer peaked at twice the stream while it was reallocated.
+    schema = batches[0].schema
+    counter = pa.MockOutputStream()
+    _write_stream(pa, counter, schema, batches)
+    buffer = pa.allocate_buffer(counter.size())
+    _write_stream(pa, pa.FixedSizeBufferWriter(buffer), schema, batches)
+    del batches
+    pa.default_memory_pool().release_unused()  # the converters' freed buffers, back to the OS
+    return memoryview(buffer).cast("B")
+
+
+def _write_stream(pa: Any, sink: Any, schema: Any, batches: list[Any]) -> None:
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+
+
+def _row_batches(pa: Any, rows: list[Any]) -> list[Any]:
+    """Rows of objects converted a batch at a time: one huge conversion's growing buffers
+    peaked at ~2.6x the table's size. Batches whose inferred types differ are cast to the
+    widened schema; a batch missing a column (ValueError on cast) sends the caller to the
+    one-conversion path."""
+    batches = [
+        pa.RecordBatch.from_pylist(rows[i : i + _BATCH_ROWS]) for i in range(0, len(rows), _BATCH_ROWS)
+    ]
+    schemas = {b.schema for b in batches}
+    if len(schemas) > 1:
+        schema = pa.unify_schemas(list(schemas), promote_options="permissive")
+        batches = [b if b.schema == schema else b.cast(schema) for b in batches]
+    return batches
 
 
 def encode_payload(result_json: Mapping[str, Any], json_bytes: bytes | None = None) -> EncodedPayload:
@@ -103,11 +149,11 @@ def encode_payload(result_json: Mapping[str, Any], json_bytes: bytes | None = No
     if found is not None:
         rows, names = found
         try:
-            data = _arrow_stream(rows, names)
+            stream = _arrow_stream(rows, names)
         except Exception as exc:  # pyarrow raises several unrelated types for untypable data
             log.debug("tabular result not encodable as Arrow, staging JSON: %s", exc)
         else:
-            return EncodedPayload(data, ARROW_MEDIA_TYPE, "arrow", len(rows))
+            return EncodedPayload(stream, ARROW_MEDIA_TYPE, "arrow", len(rows))
     data = json_bytes if json_bytes is not None else compact_json(result_json)
     return EncodedPayload(data, JSON_MEDIA_TYPE, "json", None)
 
@@ -222,7 +268,7 @@ class IpcCache:
             lease_expires_at=expires,
         )
 
-    def _create(self, data: bytes, now: float) -> str:
+    def _create(self, data: bytes | memoryview, now: float) -> str:
         digest = hashlib.sha256(data).hexdigest()[:8]
         micros = int(now * 1_000_000)
         for attempt in range(16):  # same payload in the same microsecond: next name
@@ -233,8 +279,10 @@ class IpcCache:
                 continue
             try:
                 os.ftruncate(fd, len(data))
-                with mmap.mmap(fd, len(data)) as view:
-                    view[:] = data
+                # Written, not mapped: the pages do not join this process's RSS.
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
             except BaseException:
                 _unlink(name)
                 raise

@@ -39,6 +39,15 @@ CREDENTIAL_RETRIES = CREDENTIAL_RETRY.attempts  # in-process tries for a transie
 SWEEP_INTERVAL = 15.0
 
 
+def _case_view(result: ToolResult) -> Any:
+    """What ``cases`` see as ``result``: the tool's data, plus the Rust worker's ``exit_code``
+    (its shell data had it; ours follows noetl's ``returncode``) so its cases keep matching."""
+    data = result.data
+    if isinstance(data, dict) and result.exit_code is not None and "exit_code" not in data:
+        return {**data, "exit_code": result.exit_code}
+    return data
+
+
 @attrs.define(eq=False)
 class Pipeline:
     settings: Settings
@@ -78,7 +87,10 @@ class Pipeline:
         command = attrs.evolve(command, context=context)
         ctx = rebuild_context(command, ctx)
         config = command.tool_config()
-        secrets = dict(self.keychain)
+        # The command's own secrets mapping, filled in place: dispatch scrubs the result with the
+        # context it made, not the one returned here, so a new dict would go unseen.
+        secrets = ctx.secrets if isinstance(ctx.secrets, dict) else dict(ctx.secrets)
+        secrets.update(self.keychain)
         resolved = await self._credentials(command, ctx, config)
         config = resolved.config
         secrets.update(resolved.secrets)
@@ -91,7 +103,23 @@ class Pipeline:
             attempts=command.attempts,
         )
         secrets.update(used)
-        return config, attrs.evolve(ctx, secrets=secrets)
+
+        async def prepare_task(task: Mapping[str, Any]) -> dict[str, Any]:
+            # A config a tool builds at run time (task sequence, workbook) gets the same
+            # credential and keychain treatment; its secrets join this command's scrub set.
+            resolved = await self._credentials(command, ctx, dict(task))
+            task_config, found = await resolve_keychain_refs(
+                resolved.config,
+                server=ctx.server,
+                catalog_id=None if catalog_id is None else str(catalog_id),
+                execution_id=command.execution_id,
+                attempts=command.attempts,
+            )
+            secrets.update(resolved.secrets)
+            secrets.update(found)
+            return dict(task_config)
+
+        return config, attrs.evolve(ctx, secrets=secrets, prepare_task=prepare_task)
 
     async def _credentials(self, command: Command, ctx: ToolContext, config: dict[str, Any]) -> Any:
         for attempt in range(1, CREDENTIAL_RETRIES + 1):
@@ -146,7 +174,7 @@ class Pipeline:
         for warning in warnings:
             log.warning(warning)
         try:
-            action = case_rules.evaluate(parsed, result.data, ctx.variables, ctx.render)
+            action = case_rules.evaluate(parsed, _case_view(result), ctx.variables, ctx.render)
         except case_rules.CaseError as exc:
             return CaseEffect(warnings=warnings, fail_message=f"case evaluation failed: {exc}")
         extra: list[Event] = []

@@ -26,7 +26,7 @@ import trio
 
 from .errors import ControlPlaneError, HTTPStatusError
 from .ipc_cache import IpcCache, IpcHint, compact_json, encode_payload
-from .scrub import Scrubber
+from .scrub import Scrubber, scrub_serialised
 from .tools.base import ServerAPI
 
 log = logging.getLogger(__name__)
@@ -113,18 +113,37 @@ def result_uri(execution_id: int, step: str, cursor: tuple[int, int] = (0, 0)) -
 # --- produce side -----------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class _Prepared:
     scrubbed: Any
-    body: bytes
+    size: int  # bytes of the scrubbed result as compact JSON
+    # The durable PUT's body, serialised once; dropped after the PUT so the Arrow encoding that
+    # follows does not hold it too.
+    put_body: bytes | None
     extracted: Any = None
 
 
-def _prepare(scrubber: Scrubber, tool_result: Any, inline_max: int) -> _Prepared:
-    scrubbed = scrubber.scrub(tool_result)
-    body = compact_json(scrubbed)
-    extracted = extract_summary(scrubbed) if len(body) > inline_max else None
-    return _Prepared(scrubbed, body, extracted)
+def _envelope(step: str, data: Any) -> dict[str, Any]:
+    return {"name": step, "data": data, "scope": "execution", "source_step": step}
+
+
+def _prepare(
+    scrubber: Scrubber, tool_result: Any, inline_max: int, step: str, small: bool = False
+) -> _Prepared:
+    if small:
+        scrubbed = scrubber.scrub(tool_result)
+        body = compact_json(scrubbed)
+        put_body = _put_body_bytes(step, body) if len(body) > inline_max else None
+        size = len(body)
+    else:
+        # Serialise the PUT body once, and scrub it in the same pass: the tree is scrubbed (and
+        # serialised again) only when the bytes show something a rule could act on.
+        scrubbed, put_body = scrub_serialised(
+            scrubber, tool_result, lambda value: compact_json(_envelope(step, value))
+        )
+        size = len(put_body) - (len(compact_json(_envelope(step, None))) - len(b"null"))
+    extracted = extract_summary(scrubbed) if size > inline_max else None
+    return _Prepared(scrubbed, size, put_body, extracted)
 
 
 _SMALL_NODES: Final = 512
@@ -193,11 +212,11 @@ async def build_call_done_result(
         status = str(tool_result.get("status", "success")) if isinstance(tool_result, Mapping) else "success"
     if _is_small(tool_result):
         # A thread hop costs more CPU than scrubbing a few hundred values (no-op commands).
-        prepared = _prepare(scrubber, tool_result, inline_max_bytes)
+        prepared = _prepare(scrubber, tool_result, inline_max_bytes, step, small=True)
     else:
         # Scrubbing and serialising a large result would stall the trio thread.
-        prepared = await trio.to_thread.run_sync(_prepare, scrubber, tool_result, inline_max_bytes)
-    if len(prepared.body) <= inline_max_bytes:
+        prepared = await trio.to_thread.run_sync(_prepare, scrubber, tool_result, inline_max_bytes, step)
+    if prepared.size <= inline_max_bytes:
         return {"status": status, "context": prepared.scrubbed}
 
     reference = await _durable_put(prepared, execution_id, step, server, metrics)
@@ -214,13 +233,13 @@ async def build_call_done_result(
     if hint is not None:
         log.warning(
             "result of step %s (%d bytes) is only in shared memory %s: readable on this node only",
-            step, len(prepared.body), hint.shm_name,
+            step, prepared.size, hint.shm_name,
         )  # fmt: skip
         return {"status": status, "reference": hint.to_json()}
     log.error(
         "result of step %s (%d bytes) exceeds the inline budget of %d bytes and could not be "
         "stored: reporting its status only",
-        step, len(prepared.body), inline_max_bytes,
+        step, prepared.size, inline_max_bytes,
     )  # fmt: skip
     return {"status": status}
 
@@ -236,17 +255,13 @@ async def _durable_put(
     started = time.perf_counter()
     try:
         put_raw = getattr(server, "put_json_bytes", None)
-        if put_raw is not None:
-            raw = await trio.to_thread.run_sync(_put_body_bytes, step, prepared.body)
+        if put_raw is not None and prepared.put_body is not None:
+            raw, prepared.put_body = prepared.put_body, None
             answer = await put_raw(path, raw)
+            del raw
         else:
-            body = {
-                "name": step,
-                "data": prepared.scrubbed,
-                "scope": "execution",
-                "source_step": step,
-            }
-            answer = await server.put_json(path, body)
+            prepared.put_body = None
+            answer = await server.put_json(path, _envelope(step, prepared.scrubbed))
         if not isinstance(answer, Mapping) or not isinstance(answer.get("ref"), str):
             raise ValueError(f"answer has no 'ref': {str(answer)[:200]}")
     except (ControlPlaneError, ValueError) as exc:
@@ -255,7 +270,7 @@ async def _durable_put(
             metrics.put_failed()
         return None
     if metrics is not None:
-        metrics.put_ok(time.perf_counter() - started, len(prepared.body))
+        metrics.put_ok(time.perf_counter() - started, prepared.size)
     stored_bytes = answer.get("bytes")
     reference: dict[str, Any] = {
         "kind": "result_ref",
@@ -266,7 +281,7 @@ async def _durable_put(
     if answer.get("expires_at"):
         reference["expires_at"] = answer["expires_at"]
     reference["meta"] = {
-        "bytes": stored_bytes if isinstance(stored_bytes, int) else len(prepared.body),
+        "bytes": stored_bytes if isinstance(stored_bytes, int) else prepared.size,
         "sha256": answer.get("sha256"),
         "media_type": "application/json",
         "content_type": "application/json",
@@ -277,7 +292,7 @@ async def _durable_put(
 
 async def _stage(prepared: _Prepared, cache: IpcCache) -> IpcHint | None:
     def stage() -> IpcHint | None:
-        payload = encode_payload(prepared.scrubbed, json_bytes=prepared.body)
+        payload = encode_payload(prepared.scrubbed)
         return cache.put(payload)
 
     try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -206,3 +206,111 @@ class Scrubber:
             return node if out is None else out  # type: ignore[return-value]
 
         return walk(value)
+
+
+# ---- large results: scrub the serialised bytes, not the tree ---------------------------------
+
+_CONTAINERS: Final = (dict, list, tuple)
+_PLAIN_TYPES: Final = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
+# A whole string that is an Authorization header value starts, after blanks (raw or escaped),
+# with bearer/basic and a blank. Found by looking for the words (fast) and then at what is
+# around each occurrence (rare in data; past _MAX_HEADER_WORDS, assume the worst).
+_BLANKS_BEFORE: Final = re.compile(rb'"(?:\s|\\[nrt])*\Z')
+_BLANK_AFTER: Final = re.compile(rb"[ \t]|\\t")
+_MAX_HEADER_WORDS: Final = 1000
+_JSON_ESCAPED: Final = re.compile(r'["\\\x00-\x1f]')
+
+
+def scrub_serialised(scrubber: Scrubber, value: Any, dumps: Callable[[Any], bytes]) -> tuple[Any, bytes]:
+    """``(scrubbed tree, its compact JSON)`` in one pass over the bytes when that is enough.
+
+    Serialising is cheap (C); walking millions of strings in Python is not. So: serialise
+    first, then look in the bytes for what any rule could act on — a known secret (as JSON
+    writes it), a value-rule trigger, an Authorization-header-shaped string — and in the tree's
+    distinct keys for a sensitive one. Nothing found: the tree is clean and is returned as is,
+    with its bytes. Anything found (or a tree that is not plain JSON data): the full tree scrub,
+    then serialise the scrubbed copy. Both ways give the same result as ``scrub`` + ``dumps``.
+    """
+    body = dumps(value)
+    if not _needs_tree_scrub(scrubber, value, body):
+        return value, body
+    scrubbed = scrubber.scrub(value)
+    return scrubbed, dumps(scrubbed)
+
+
+def _needs_tree_scrub(scrubber: Scrubber, value: Any, body: bytes) -> bool:
+    if any(_JSON_ESCAPED.search(s) for s in scrubber.secrets):
+        return True  # a secret JSON would escape: not worth matching in bytes
+    trigger = _bytes_pattern(scrubber._trigger_re.pattern)
+    if trigger.search(body) is not None:
+        return True
+    if _header_shaped(body):
+        return True
+    keys = _distinct_keys(value)
+    return keys is None or any(is_sensitive_key(k) for k in keys)
+
+
+def _header_shaped(body: bytes) -> bool:
+    """Lower-cases 1 MiB at a time (overlapping), never a second copy of the whole body."""
+    step, overlap = 1 << 20, 128
+    for start in range(0, max(len(body), 1), step):
+        if _header_shaped_in(body[max(0, start - overlap) : start + step].lower()):
+            return True
+    return False
+
+
+def _header_shaped_in(lowered: bytes) -> bool:
+    seen = 0
+    for word in (b"bearer", b"basic"):
+        at = lowered.find(word)
+        while at >= 0:
+            seen += 1
+            if seen > _MAX_HEADER_WORDS:
+                return True
+            end = at + len(word)
+            before = lowered[max(0, at - 64) : at]
+            if (end >= len(lowered) or _BLANK_AFTER.match(lowered, end)) and (
+                _BLANKS_BEFORE.search(before) or (at >= 64 and not before.strip(b" \t\r\n\\nrt"))
+            ):
+                return True
+            at = lowered.find(word, end)
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _bytes_pattern(pattern: str) -> re.Pattern[bytes]:
+    return re.compile(pattern.encode("utf-8"))
+
+
+def _distinct_keys(root: Any) -> set[str] | None:
+    """Every dict key in the tree, iterating in C where the tree is uniform (rows of dicts);
+    ``None`` for anything but plain JSON data (then the tree scrub decides)."""
+    keys: set[str] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is dict:
+            keys.update(node)
+            children: Any = node.values()
+        elif kind is list or kind is tuple:
+            children = node
+        else:
+            continue
+        kinds = set(map(type, children))
+        if not kinds <= _PLAIN_TYPES:
+            return None
+        if kinds == {dict} and kind is not dict:
+            # Rows: their keys and their values' types, without a Python-level loop per row.
+            keys.update(set().union(*children))
+            inner = set(map(type, itertools.chain.from_iterable(map(dict.values, children))))
+            if not inner <= _PLAIN_TYPES:
+                return None
+            if inner & {dict, list, tuple}:
+                values = itertools.chain.from_iterable(map(dict.values, children))
+                stack.extend(v for v in values if type(v) in _CONTAINERS)
+        elif kinds & {dict, list, tuple}:
+            stack.extend(c for c in children if type(c) in _CONTAINERS)
+    if not set(map(type, keys)) <= {str}:
+        return None
+    return keys

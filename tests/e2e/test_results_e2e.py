@@ -362,3 +362,50 @@ async def test_cases(stub: StubServer, publisher: Publisher, make_settings: Make
     assert tool_result(state, warns)["status"] == "success"
     (warning,) = payload(state, warns, "command.completed")["warnings"]
     assert "cases[0].when[0].op" in warning and "resembles" in warning
+
+
+async def test_auth_map_form_in_a_step_and_in_a_task_is_applied_and_scrubbed(
+    stub: StubServer, publisher: Publisher, make_settings: MakeSettings
+) -> None:
+    """``auth: {api: {type: bearer, key: <credential>}}`` as noetl playbooks write it, in a plain
+    step and inside a task sequence (resolved when the task starts); the token never reaches the
+    server in an event, even when a later task's result carries it."""
+    state = stub.state
+    token = "tok-map-form-5e6f7a8b"
+    state.add_credential("api_bearer", "bearer", {"token": token})
+    url = f"{stub.url}/api/worker/pools"
+    step = state.enqueue_command(
+        step="step",
+        tool_kind="http",
+        tool_config={
+            "url": url,
+            "params": {"who": "step"},
+            "auth": {"api": {"type": "bearer", "key": "api_bearer"}},
+        },
+    )
+    sequence = state.enqueue_command(
+        step="seq:task_sequence",
+        tool_kind="task_sequence",
+        tool_config={
+            "tasks": [
+                {
+                    "name": "call",
+                    "kind": "http",
+                    "url": url,
+                    "params": {"who": "task"},
+                    "auth": {"api": {"type": "bearer", "key": "{{ workload.cred }}"}},
+                },
+                {"name": "leak", "kind": "noop", "result": {"echo": f"token={token}"}},
+            ]
+        },
+        render_context={"workload": {"cred": "api_bearer"}},
+    )
+    with trio.fail_after(30):
+        await run_commands(stub, publisher, make_settings(WORKER_MAX_CONCURRENT="2"), [step, sequence])
+    assert authorization_seen_by(state, "step") == [f"Bearer {token}"]
+    assert authorization_seen_by(state, "task") == [f"Bearer {token}"]
+    assert value(state, step)["status_code"] == 200
+    data = value(state, sequence)
+    assert data["status"] == "ok"
+    assert data["results"]["leak"] == {"echo": "token=[REDACTED]"}
+    assert token not in request_bodies(state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import psycopg.conninfo
 import pytest
@@ -62,13 +63,16 @@ async def test_noop_and_shell(stub: StubServer, publisher: Publisher, make_setti
     assert value(state, noop) == {"a": 1}
     assert value(state, echo)["stdout"] == "hi\n"
     listed = value(state, many)
-    assert listed["stdout"] == "one\ntwo\n"
-    assert [c["command"] for c in listed["commands"]] == ["echo one", "echo two"]
+    assert listed["stdout"] == "one\n\ntwo\n"  # noetl joins the outputs with a newline
+    assert [c["cmd_preview"] for c in listed["commands"]] == ["echo one", "echo two"]
+    assert listed["returncode"] == 0
     assert value(state, templated)["stdout"] == "hello-42\n"
 
     status, envelope = tool_error(state, failing)
     assert status == "error"
     assert envelope["data"]["stdout"] == "before\n"  # the third command never ran
+    assert envelope["data"]["returncode"] == 3
+    assert [c["cmd_preview"] for c in envelope["data"]["commands"]] == ["echo before", "exit 3"]
     if state.flavor == "rust":
         # The Rust worker's way: a failed result is still call.done + command.completed.
         assert envelope["exit_code"] == 3
@@ -169,15 +173,15 @@ async def test_http_against_the_stub(
 
     posted = value(state, post)
     assert posted["status_code"] == 200
-    assert posted["body"]["count"] == 1
+    assert posted["data"]["count"] == 1
     assert state.variables["4242"]["colour"]["value"] == "teal"
     listed = value(state, get)
     assert listed["status_code"] == 200
-    assert [pool["name"] for pool in listed["body"]["items"]] == [state.registrations[0]["name"]]
+    assert [pool["name"] for pool in listed["data"]["items"]] == [state.registrations[0]["name"]]
     status, not_found = tool_error(state, missing)
     assert status == "error"
     assert not_found["data"]["status_code"] == 404
-    assert not_found["error"] == "HTTP 404"
+    assert not_found["error"] == "HTTP 404: Not Found"
 
 
 async def test_postgres_through_a_credential_alias(
@@ -240,19 +244,24 @@ async def test_duckdb_task_sequence_and_playbook(
     child = state.enqueue_command(
         step="child",
         tool_kind="playbook",
-        tool_config={"path": "examples/child", "payload": {"x": 1}, "poll_interval": 0.05},
+        tool_config={
+            "path": "examples/child",
+            "payload": {"x": 1},
+            "return_step": "end",
+            "poll_interval": 0.05,
+        },
     )
     with trio.fail_after(30):
         await run_commands(stub, publisher, make_settings(WORKER_MAX_CONCURRENT="3"), [duck, sequence, child])
 
-    assert value(state, duck)["rows"] == [
-        {"i": 0, "label": "row 0"},
-        {"i": 1, "label": "row 1"},
-    ]
+    summary = value(state, duck)
+    assert summary["command_1_rows"] == 2
+    assert summary["command_1_sample"] == [[0, "row 0"], [1, "row 1"]]
     steps = value(state, sequence)
     assert steps["status"] == "ok"
-    assert steps["first"] == {"n": 20}
-    assert steps["second"]["stdout"] == "21\n"
+    assert steps["results"]["first"] == {"n": 20}
+    assert steps["results"]["second"]["stdout"] == "21\n"
+    assert steps["_prev"] == steps["results"]["second"]
     value(state, child)  # a child that completed is a success
     (execution,) = [e for e in state.executions.values() if e.path == "examples/child"]
     assert execution.parent_execution_id == str(child.execution_id)
@@ -275,9 +284,134 @@ async def test_unknown_kind_and_invalid_config_fail_visibly(
         await run_commands(stub, publisher, make_settings(WORKER_MAX_CONCURRENT="4"), commands)
 
     assert "teleport" in failure(state, unknown)
-    assert "shell.command" in failure(state, no_command)
+    assert "shell.cmds" in failure(state, no_command)
     method_error = failure(state, bad_method)
     assert "http.method" in method_error and "GET" in method_error
     for command in (unknown, no_command, bad_method):
         assert "command.completed" not in worker_events(state, command)
     value(state, fine)  # asserts the success lifecycle
+
+
+def _pg_credential(state: StubState, name: str) -> None:
+    dsn = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+    state.add_credential(
+        name,
+        "postgres",
+        {
+            "db_host": dsn.get("host", "127.0.0.1"),
+            "db_port": int(dsn.get("port") or 5432),
+            "db_user": dsn.get("user", "postgres"),
+            "db_password": dsn.get("password", ""),
+            "db_name": dsn.get("dbname", "test"),
+        },
+    )
+
+
+async def test_task_sequence_resolves_credentials_per_task_and_retries(
+    stub: StubServer, publisher: Publisher, make_settings: MakeSettings, tmp_path: Any
+) -> None:
+    """A list-form ``tool:`` as the Python server sends it: a templated ``auth`` inside a task,
+    ``_prev`` and earlier tasks by name, and a policy that retries a failing task."""
+    state = stub.state
+    _pg_credential(state, "pg_seq")
+    flag = tmp_path / "second-try"
+    command = state.enqueue_command(
+        step="seq:task_sequence",
+        tool_kind="task_sequence",
+        tool_config={
+            "tasks": [
+                {"name": "first", "kind": "python", "code": "def main():\n    return {'v': 10}\n"},
+                {
+                    "name": "q",
+                    "kind": "postgres",
+                    "auth": "{{ workload.cred }}",
+                    "command": "SELECT {{ _prev.v }} + 1 AS w",
+                },
+                {
+                    "name": "flaky",
+                    "kind": "shell",
+                    "cmds": [f"test -f {flag} || {{ touch {flag}; exit 3; }}; echo ok"],
+                    "spec": {
+                        "policy": {
+                            "rules": [
+                                {
+                                    "when": "{{ output.status == 'error' }}",
+                                    "then": {"do": "retry", "attempts": 3, "delay": 0.05},
+                                },
+                                {"else": {"then": {"do": "continue"}}},
+                            ]
+                        }
+                    },
+                },
+                {
+                    "name": "last",
+                    "kind": "python",
+                    "input": {"a": "{{ first.v }}", "b": "{{ q.rows[0].w }}"},
+                    "code": "def main(a, b):\n    return {'sum': a + b}\n",
+                },
+            ]
+        },
+        render_context={"workload": {"cred": "pg_seq"}},
+    )
+    with trio.fail_after(40):
+        await run_commands(stub, publisher, make_settings(), [command])
+    data = value(state, command)
+    assert data["status"] == "ok", data
+    assert data["results"]["q"]["rows"] == [{"w": 11}]
+    assert data["_prev"] == {"sum": 21}
+    assert [t["name"] for t in data["metrics"]["tasks"]] == ["first", "q", "flaky", "flaky", "last"]
+    assert len(state.requests_to(r"^/api/credentials/pg_seq$", "GET")) == 1
+
+
+async def test_workbook_task_from_the_catalog(
+    stub: StubServer, publisher: Publisher, make_settings: MakeSettings
+) -> None:
+    state = stub.state
+    _pg_credential(state, "pg_wb")
+    entry = state.add_playbook(
+        {
+            "apiVersion": "noetl.io/v2",
+            "kind": "Playbook",
+            "metadata": {"name": "wb", "path": "tests/wb"},
+            "workbook": [
+                {
+                    "name": "add_one",
+                    "tool": {"kind": "python", "code": "def main(x):\n    return {'y': x + 1}\n"},
+                    "args": {"x": 1},
+                },
+                {
+                    "name": "ask_db",
+                    "tool": {"kind": "postgres", "auth": "pg_wb", "query": "SELECT 7 AS seven"},
+                },
+            ],
+            "workflow": [{"step": "start", "tool": {"kind": "workbook", "name": "add_one"}}],
+        }
+    )
+    context = {"catalog_id": entry["catalog_id"]}
+    plain = state.enqueue_command(
+        step="plain", tool_kind="workbook", tool_config={"name": "add_one"}, render_context=context
+    )
+    with_input = state.enqueue_command(
+        step="with_input",
+        tool_kind="workbook",
+        tool_config={"name": "add_one"},
+        input={"x": 41},
+        render_context=context,
+    )
+    database = state.enqueue_command(
+        step="database", tool_kind="workbook", tool_config={"task": "ask_db"}, render_context=context
+    )
+    missing = state.enqueue_command(
+        step="missing", tool_kind="workbook", tool_config={"name": "nope"}, render_context=context
+    )
+    commands = [plain, with_input, database, missing]
+    with trio.fail_after(40):
+        await run_commands(stub, publisher, make_settings(WORKER_MAX_CONCURRENT="4"), commands)
+    assert value(state, plain) == {"y": 2}
+    assert value(state, with_input) == {"y": 42}
+    assert value(state, database)["rows"] == [{"seven": 7}]
+    status, lost = tool_error(state, missing)
+    assert status == "error"
+    assert "add_one, ask_db" in lost["error"]
+    asked = state.requests_to(r"^/api/catalog/resource$", "POST")
+    assert len(asked) == 4

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .harness import Run
+from .harness import Run, Stack
 from .target import FIXED, Target
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
@@ -30,6 +30,7 @@ class Env:
 
     target: Target
     data_dir: Path
+    stack: Stack
 
 
 Check = Callable[[Run, Env], None]
@@ -49,7 +50,8 @@ class Case:
     errored: tuple[str, ...] = ()  # steps that must end in call.error
     payload: Mapping[str, Any] = attrs.field(factory=dict)
     children: tuple[str, ...] = ()  # playbooks registered first (sub-playbooks, none executed)
-    timeout: float = 120.0
+    # a liveness bound: the real server's engine runs one event batch at a time on a shared core
+    timeout: float = 240.0
     improvement: str | None = None
     expect_ours: Outcome | None = None
     check_ours: Check | None = None
@@ -223,6 +225,78 @@ def duckdb_file(run: Run, env: Env) -> None:
     assert Path(crunch["database_path"]).is_file()
 
 
+def task_sequence(run: Run, env: Env) -> None:
+    # the sequence's own row is `<step>:task_sequence`; its results reach the next step
+    seq = run.results("pipeline:task_sequence")[-1]
+    assert seq["status"] == "ok"
+    after = _done(run, "after")
+    assert after["sequence_status"] == "ok"
+    assert after["first_n"] == 21  # an earlier task by name
+    assert after["attempts"] == 2  # the flaky task failed once and the policy retried it
+    assert after["bumped"] == 22  # `_prev` threaded into the postgres task
+    assert after["doubled"] == 42  # the postgres task ran with its credential
+
+
+def sub_playbook(run: Run, env: Env) -> None:
+    child = _done(run, "call_child")
+    assert child["completed"] is True and child["failed"] is False
+    # the child's own status document (the server compacts the step results inside it, so only
+    # the child's workload is certain to be there): the step's input reached the child
+    assert child["variables"]["x"] == 5
+    assert _done(run, "after")["child_completed"] == "True"
+
+
+def workbook(run: Run, env: Env) -> None:
+    assert _done(run, "start")["square"] == 49
+    assert _done(run, "after")["plus_one"] == 50
+
+
+def loop_sequential(run: Run, env: Env) -> None:
+    # loop counters are unreliable on this server: count the iterations' call.done events
+    assert sorted(r["sq"] for r in run.results("each")) == [1, 1, 9, 16, 25]
+    assert run.count("loop.done", "each") == 1
+    assert run.count("call.done", "after") == 1
+
+
+def loop_parallel(run: Run, env: Env) -> None:
+    outs = sorted(r["stdout"].strip() for r in run.results("each"))
+    assert outs == sorted(f"item-{i}" for i in range(10))
+    assert run.count("loop.done", "each") == 1
+
+
+def large_result(run: Run, env: Env) -> None:
+    big = _done(run, "big")
+    assert len(big["rows"]) == 1500 and big["rows"][-1]["label"] == "row-01499"
+    assert _done(run, "after") == {"marker": "big-done", "n": 1500, "last": "row-01499"} | _ctx(run, "after")
+
+
+def large_result_ours(run: Run, env: Env) -> None:
+    # ours sends a result over its inline budget (NOETL_EVENT_RESULT_CONTEXT_MAX_BYTES, 100 KiB)
+    # by reference: the server stores the reference, resolves it for templates, and serves it
+    big = run.results("big")[-1]
+    reference = big["reference"]
+    assert reference["kind"] == "result_ref"
+    assert reference["extracted"]["marker"] == "big-done"
+    data = env.stack.resolve(reference["ref"])
+    assert len(data["rows"]) == 1500 and data["rows"][-1]["label"] == "row-01499"
+    assert _done(run, "after") == {"marker": "big-done", "n": 1500, "last": "row-01499"} | _ctx(run, "after")
+
+
+def large_workload(run: Run, env: Env) -> None:
+    start = _done(run, "start")
+    assert (start["length"], start["head"]) == (10_000, "yyyyy")
+    assert _done(run, "after")["stdout"].strip() == "10000"
+
+
+def inclusive_fanout(run: Run, env: Env) -> None:
+    assert _done(run, "left")["stdout"].strip() == "left 2"
+    assert _done(run, "right")["stdout"].strip() == "right 5"
+
+
+def arc_set_ctx(run: Run, env: Env) -> None:
+    assert _done(run, "high")["picked"] == "seven"
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -266,6 +340,31 @@ CASES: tuple[Case, ...] = (
     Case("postgres_query", "completed", postgres_query, ran=("query", "use")),
     Case("postgres_error", "failed", postgres_error, ran=("on_error",), errored=("query",)),
     Case("duckdb_file", "completed", duckdb_file, ran=("start", "crunch", "done")),
+    Case("task_sequence", "completed", task_sequence, ran=("pipeline:task_sequence", "after")),
+    Case("sub_playbook", "completed", sub_playbook, ran=("call_child", "after"), children=("child",)),
+    Case("workbook", "completed", workbook, ran=("start", "after")),
+    Case("loop_sequential", "completed", loop_sequential, ran=("each", "after")),
+    Case("loop_parallel", "completed", loop_parallel, ran=("each", "after")),
+    Case(
+        "large_result",
+        "completed",
+        large_result,
+        ran=("big", "after"),
+        improvement="results over 100 KiB travel by reference",
+        check_ours=large_result_ours,
+    ),
+    Case(
+        "large_workload",
+        "completed",
+        large_workload,
+        ran=("start", "after"),
+        # over 8 KiB: the command's render context travels as a result_ref envelope
+        payload={"blob": "y" * 10_000},
+    ),
+    Case(
+        "inclusive_fanout", "completed", inclusive_fanout, ran=("start", "left", "right"), not_ran=("never",)
+    ),
+    Case("arc_set_ctx", "completed", arc_set_ctx, ran=("start", "high"), not_ran=("low",)),
 )
 
 BY_NAME = {c.name: c for c in CASES}

@@ -125,7 +125,14 @@ class PgTarget:
             env["PGPASSWORD"] = self.password
         cmd = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p", str(self.port)]
         cmd += ["-U", self.user, "-d", db, *args]
-        return subprocess.run(cmd, input=input_text, capture_output=True, text=True, env=env, timeout=120)
+        # the machine's PostgreSQL is shared by every test run on it: "too many clients" is
+        # transient, so wait it out (a connection is refused before anything ran)
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(cmd, input=input_text, capture_output=True, text=True, env=env, timeout=120)
+            if "too many clients" not in done.stderr or time.monotonic() >= deadline:
+                return done
+            time.sleep(2)
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -294,8 +301,20 @@ class Run:
         """Every byte the server returns about this execution (for secret scans)."""
         return json.dumps([list(self.events), self.status], default=str)
 
+    def errors(self) -> dict[str, str]:
+        """Per step, the error text of its (last) ``call.error``."""
+        return {
+            event_step(e): str(e.get("error") or "")[:300]
+            for e in self.events
+            if e.get("event_type") == "call.error"
+        }
+
     def summary(self) -> str:
-        return f"{self.worker} {self.path} {self.execution_id}: {self.terminal} steps={self.step_types()}"
+        errors = self.errors()
+        tail = f" errors={errors}" if errors else ""
+        return (
+            f"{self.worker} {self.path} {self.execution_id}: {self.terminal} steps={self.step_types()}{tail}"
+        )
 
 
 def event_step(event: Mapping[str, Any]) -> str:
@@ -614,6 +633,13 @@ class Stack:
         if r.status_code >= 300:
             raise InteropError(f"credential {name}: HTTP {r.status_code} {r.text[:500]}")
 
+    def resolve(self, ref: str) -> Any:
+        """The data behind a result reference (``GET /api/result/resolve``)."""
+        r = self.http.get("/api/result/resolve", params={"ref": ref})
+        if r.status_code >= 300:
+            raise InteropError(f"resolve {ref}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
+
     def events(self, execution_id: str) -> list[dict[str, Any]]:
         """Every stored event of an execution, oldest first (all pages)."""
         out: list[dict[str, Any]] = []
@@ -639,18 +665,51 @@ class Stack:
         body: dict[str, Any] = r.json()
         return body
 
-    def wait_terminal(self, execution_id: str, timeout: float) -> tuple[str | None, list[dict[str, Any]]]:
+    def terminal_event(self, execution_id: str) -> str | None:
+        """``playbook.completed`` / ``playbook.failed`` if the server wrote it (two small queries
+        filtered by type: the full event list of a busy execution is large, and the server
+        answers every request on one core)."""
+        for event_type in TERMINAL_EVENTS:
+            r = self.http.get(
+                f"/api/executions/{execution_id}/events", params={"event_type": event_type, "page_size": 10}
+            )
+            r.raise_for_status()
+            if any(e.get("event_type") == event_type for e in r.json().get("events") or []):
+                return event_type
+        return None
+
+    def event_count(self, execution_id: str) -> int:
+        r = self.http.get(f"/api/executions/{execution_id}/events", params={"page_size": 10})
+        r.raise_for_status()
+        return int((r.json().get("pagination") or {}).get("total_events") or 0)
+
+    def wait_terminal(
+        self, execution_id: str, timeout: float, stall: float = 90.0
+    ) -> tuple[str | None, list[dict[str, Any]]]:
         """Wait for ``playbook.completed`` / ``playbook.failed`` (not /status, which can answer
-        early). Returns (terminal event type or None on timeout, events)."""
+        early). Returns (terminal event type, or None after ``timeout`` s or after ``stall`` s
+        without any new event of the execution; all events).
+
+        ``stall`` is a liveness bound: a stuck execution (a failed last step reported in a way the
+        server does not close) ends the wait without costing the whole ``timeout``.
+        """
         deadline = time.monotonic() + timeout
+        interval = 0.2
+        terminal = None
+        count, changed = -1, time.monotonic()
         while True:
-            events = self.events(execution_id)
-            for e in events:
-                if e.get("event_type") in TERMINAL_EVENTS:
-                    return str(e["event_type"]), events
-            if time.monotonic() >= deadline:
-                return None, events
-            time.sleep(0.25)
+            terminal = self.terminal_event(execution_id)
+            now = time.monotonic()
+            if terminal is not None or now >= deadline:
+                break
+            seen = self.event_count(execution_id)
+            if seen != count:
+                count, changed = seen, now
+            elif now - changed >= stall:
+                break
+            time.sleep(interval)
+            interval = min(interval * 1.5, 1.5)
+        return terminal, self.events(execution_id)
 
     def run(
         self,

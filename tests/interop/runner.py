@@ -12,7 +12,7 @@ from .harness import Run, Stack
 from .target import Target
 
 # per stack; the real server runs the engine for event batches one at a time, so more only queue
-CONCURRENCY = 6
+CONCURRENCY = 4
 
 
 @attrs.define
@@ -23,7 +23,8 @@ class Runner:
     futures: dict[tuple[str, str], Future[Run]] = attrs.field(factory=dict)
 
     def env(self, worker: str) -> Env:
-        return Env(target=self.target, data_dir=self.stacks[worker].workdir / "data")
+        stack = self.stacks[worker]
+        return Env(target=self.target, data_dir=stack.workdir / "data", stack=stack)
 
     def payload(self, case: Case, worker: str) -> dict[str, object]:
         return {"base_url": self.target.url, "data_dir": str(self.env(worker).data_dir), **case.payload}

@@ -88,13 +88,81 @@ async def test_result_global_and_args_as_globals(ctx: ToolContext) -> None:
     assert result.data == {"sum": 3, "args": {"a": 1, "b": 2}}
 
 
-async def test_without_a_value_stdout_is_the_result(ctx: ToolContext) -> None:
-    as_json = await run({"code": "print('{\"rows\": 3}')"}, ctx)
-    assert as_json.data == {"rows": 3}
-    plain = await run({"code": "import sys\nprint('hello')\nprint('warn', file=sys.stderr)"}, ctx)
+async def test_without_main_or_result_the_value_is_noetls_summary(ctx: ToolContext) -> None:
+    plain = await run({"code": "import sys\nx = 1\nprint('{\"rows\": 3}')\nprint('w', file=sys.stderr)"}, ctx)
     assert plain.status == "success"
-    assert plain.data == {"stdout": "hello\n", "stderr": "warn\n"}
-    assert (plain.stdout, plain.stderr) == ("hello\n", "warn\n")
+    assert plain.data == {
+        "status": "success",
+        "message": "Code executed without explicit result variable",
+        "locals_count": 2,
+        "locals_keys": ["sys", "x"],
+    }
+    assert (plain.stdout, plain.stderr) == ('{"rows": 3}\n', "w\n")  # output is not the result
+
+
+async def test_main_returning_none_is_the_result_even_with_a_result_global(ctx: ToolContext) -> None:
+    result = await run({"code": "result = {'ignored': True}\ndef main():\n    pass"}, ctx)
+    assert result.status == "success"
+    assert result.data is None
+
+
+async def test_main_may_ask_for_the_render_context(ctx: ToolContext) -> None:
+    result = await run({"code": "def main(context):\n    return context['workload']"}, ctx)
+    assert result.data == {"message": "hi"}
+
+
+async def test_args_rendered_to_text_are_parsed_back(ctx: ToolContext) -> None:
+    # The server renders templates to text: a dict arrives as its Python repr, a list as JSON.
+    args = {"d": "{'a': 1, 'b': [True, None]}", "l": "[1, 2]", "s": "{not a literal", "n": "7"}
+    code = "def main(d, l, s, n):\n    return [d, l, s, n]"
+    result = await run({"code": code, "args": args}, ctx)
+    assert result.data == [{"a": 1, "b": [True, None]}, [1, 2], "{not a literal", "7"]
+
+
+async def test_libs_import_modules_and_names_before_the_code(ctx: ToolContext) -> None:
+    libs = {"time": "time", "pp": "os.path", "td": {"from": "datetime", "import": "timedelta"}}
+    code = "def main():\n    return [time.__name__, pp.join('a', 'b'), td(minutes=1).total_seconds()]"
+    result = await run({"code": code, "libs": libs}, ctx)
+    assert result.status == "success", result.error
+    assert result.data == ["time", "a/b", 60.0]
+    missing = await run({"code": "result = 1", "libs": {"nope": "no_such_module_here"}}, ctx)
+    assert missing.status == "error"
+    assert "no_such_module_here" in (missing.error or "")
+
+
+@pytest.mark.parametrize(
+    ("libs", "field"),
+    [
+        ("time", "libs"),
+        ({"1bad": "time"}, "libs.1bad"),
+        ({"t": "time; import os"}, "libs.t"),
+        ({"t": {"from": "datetime"}}, "libs.t"),
+    ],
+)
+async def test_bad_libs_name_the_field(ctx: ToolContext, libs: Any, field: str) -> None:
+    with pytest.raises(ToolConfigError) as info:
+        await run({"code": "pass", "libs": libs}, ctx)
+    assert info.value.field == field
+
+
+async def test_deps_sys_path_and_venv_path(ctx: ToolContext, tmp_path: Path) -> None:
+    package = tmp_path / "pkgs"
+    package.mkdir()
+    (package / "ts_helper_mod.py").write_text("VALUE = 'from sys_path'\n")
+    site = tmp_path / "venv" / "lib" / "python3.99" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "ts_venv_mod.py").write_text("VALUE = 'from venv'\n")
+    code = "import ts_helper_mod, ts_venv_mod\nresult = [ts_helper_mod.VALUE, ts_venv_mod.VALUE]"
+    deps = {"sys_path": [str(package), str(tmp_path / "missing")], "venv_path": str(tmp_path / "venv")}
+    result = await run({"code": code, "deps": deps}, ctx)
+    assert result.status == "success", result.error
+    assert result.data == ["from sys_path", "from venv"]
+    # the next call's child does not inherit the path
+    after = await run({"code": "import ts_helper_mod"}, ctx)
+    assert after.status == "error"
+    with pytest.raises(ToolConfigError) as info:
+        await run({"code": "pass", "deps": {"packages": {"t": ["requests"]}}}, ctx)
+    assert info.value.field == "deps.packages"
 
 
 async def test_exception_is_an_error_result_with_traceback(ctx: ToolContext) -> None:
@@ -360,3 +428,14 @@ async def test_large_results_survive_concurrent_calls(ctx: ToolContext) -> None:
             nursery.start_soon(one)
     assert [r.status for r in results] == ["success"] * 4
     assert all(len(r.data) == 20_000 for r in results)
+
+
+async def test_main_parameters_missing_from_args_come_from_the_render_context(ctx: ToolContext) -> None:
+    code = "def main(workload, user, extra='default'):\n    return [workload['message'], user['id'], extra]"
+    result = await run({"code": code}, ctx)
+    assert result.status == "success", result.error
+    assert result.data == ["hi", 7, "default"]
+    given = await run({"code": code, "args": {"user": {"id": 1}}}, ctx)  # args win
+    assert given.data == ["hi", 1, "default"]
+    missing = await run({"code": "def main(nowhere):\n    return nowhere"}, ctx)
+    assert missing.status == "error" and "nowhere" in (missing.error or "")

@@ -56,6 +56,27 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         return await resolve("task_sequence")(config, ctx)
 
 
+async def test_results_prev_and_named_results_flow_forward(ctx: ToolContext) -> None:
+    tasks = [
+        {"name": "first", "kind": "noop", "result": {"v": "{{ workload.base }}"}},
+        {"name": "second", "kind": "noop", "result": {"prev": "{{ _prev.v }}", "first": "{{ first.v }}"}},
+        {"name": "third", "kind": "noop", "result": {"via_results": "{{ results.second.prev }}"}},
+    ]
+    result = await run({"tasks": tasks}, ctx)
+    assert result.status == "success", result
+    data = result.data
+    assert data["status"] == "ok"
+    assert data["results"] == {
+        "first": {"v": 10},
+        "second": {"prev": 10, "first": 10},
+        "third": {"via_results": 10},
+    }
+    assert data["_prev"] == {"via_results": 10}
+    assert data["ctx"] == {}
+    assert data["metrics"]["task_count"] == 3
+    assert [t["name"] for t in data["metrics"]["tasks"]] == ["first", "second", "third"]
+
+
 async def test_set_captures_flow_into_later_inputs(ctx: ToolContext) -> None:
     tasks = [
         {
@@ -75,11 +96,11 @@ async def test_set_captures_flow_into_later_inputs(ctx: ToolContext) -> None:
     ]
     result = await run({"tasks": tasks}, ctx)
     assert result.status == "success", result
-    assert result.data == {
+    assert result.data["results"] == {
         "login": {"token": "t-ada", "n": 10},
         "fetch": {"auth": "t-ada", "n": 11, "prev": {"token": "t-ada", "n": 10}},
-        "status": "ok",
     }
+    assert result.data["ctx"] == {"n": 10}
     assert "ctx" not in VARIABLES  # captures never mutate the command's own variables
 
 
@@ -89,13 +110,13 @@ async def test_captures_only_flow_forward(ctx: ToolContext) -> None:
         {"name": "late", "kind": "noop", "result": {"v": 1}, "set": {"later": "set-late"}},
     ]
     result = await run({"tasks": tasks}, ctx)
-    assert result.data["early"] == {"seen": None}
+    assert result.data["results"]["early"] == {"seen": None}
 
 
 async def test_tool_config_list_form_and_unnamed_tasks(ctx: ToolContext) -> None:
     tasks = [{"kind": "test_record", "tag": "a"}, {"kind": "test_record", "tag": "{{ user }}"}]
     result = await run({"tool_config": tasks, "kind": "task_sequence"}, ctx)
-    assert result.data == {"task_0": {"tag": "a"}, "task_1": {"tag": "ada"}, "status": "ok"}
+    assert result.data["results"] == {"task_0": {"tag": "a"}, "task_1": {"tag": "ada"}}
     assert CALLS == ["a", "ada"]
 
 
@@ -120,19 +141,15 @@ async def test_stops_at_the_first_failing_task(
     result = await run({"tasks": tasks}, ctx)
     assert result.status == status
     assert CALLS == ["1"]  # task three never ran
-    assert result.data["one"] == {"tag": "1"}
+    assert result.data["results"] == {"one": {"tag": "1"}}
     assert result.data["status"] == "failed"
     assert result.data["failed_task"] == "two"
-    assert "three" not in result.data
+    assert message in result.data["error"]["message"]
     assert result.error is not None and "'two'" in result.error and message in result.error
 
 
 async def test_bad_task_lists_name_the_field(ctx: ToolContext) -> None:
     with pytest.raises(ToolConfigError, match="tasks"):
         await run({"tasks": "not a list"}, ctx)
-    with pytest.raises(ToolConfigError, match="reserved"):
-        await run({"tasks": [{"status": {"kind": "noop"}}]}, ctx)
-    with pytest.raises(ToolConfigError, match="duplicate"):
-        await run({"tasks": [{"name": "a", "kind": "noop"}, {"name": "a", "kind": "noop"}]}, ctx)
     result = await run({"tasks": [{"name": "a", "result": 1}]}, ctx)
     assert result.status == "error" and "a.kind" in (result.error or "")

@@ -66,6 +66,7 @@ class MiscRoutes:
         add("DELETE", "/api/keychain/{catalog_id}/{keychain_name}", self.delete_keychain)
         add("POST", "/api/vars/{execution_id}", self.set_vars)
         add("GET", "/api/vars/{execution_id}", self.get_vars)
+        add("POST", "/api/catalog/resource", self.catalog_resource)
         add("POST", "/api/execute", self.execute)
         add("GET", "/api/executions/{execution_id}/status", self.execution_status)
         add("POST", "/api/executions/{execution_id}/cancel", self.cancel_execution)
@@ -440,6 +441,26 @@ class MiscRoutes:
         execution_id = request.params["execution_id"]
         variables = self.state.variables.get(execution_id, {})
         return Response(200, {"execution_id": execution_id, "variables": variables, "count": len(variables)})
+
+    # ---------------------------------------------------------------- catalog
+
+    async def catalog_resource(self, request: Request) -> Response:
+        """One catalog entry by ``catalog_id``, or by ``path`` and ``version`` (default latest)."""
+        body = json_object(request)
+        entries = list(self.state.catalog.values())
+        if body.get("catalog_id") is not None:
+            found = [e for e in entries if e["catalog_id"] == str(body["catalog_id"])]
+        elif body.get("path"):
+            found = [e for e in entries if e["path"] == body["path"]]
+            version = body.get("version")
+            if version not in (None, "", "latest"):
+                found = [e for e in found if str(e["version"]) == str(version)]
+            found.sort(key=lambda e: e["version"])
+        else:
+            raise BadRequest("one of 'catalog_id' or 'path' is required")
+        if not found:
+            return Response(404, {"detail": "Catalog entry not found"})
+        return Response(200, found[-1])
 
     # ---------------------------------------------------------------- executions
 

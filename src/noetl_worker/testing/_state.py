@@ -220,6 +220,7 @@ class StubState:
     results: dict[str, StoredResult] = attrs.field(factory=dict)
     credentials: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     keychain: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    catalog: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # catalog_id → entry
     variables: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
     executions: dict[int, ExecutionRow] = attrs.field(factory=dict)
     # Stored step results per execution, as the server keeps them for templates (_workflow.py).
@@ -499,6 +500,28 @@ class StubState:
         }
         self.credentials[name] = record
         return record
+
+    def add_playbook(self, playbook: Mapping[str, Any], *, version: int | None = None) -> dict[str, Any]:
+        """Register a parsed playbook, served by ``POST /api/catalog/resource`` as the real server
+        answers it: ``{catalog_id, path, version, kind, content, payload, meta, created_at}``."""
+        metadata = playbook.get("metadata")
+        path = "playbook"
+        if isinstance(metadata, Mapping):
+            path = str(metadata.get("path") or metadata.get("name"))
+        versions = [e["version"] for e in self.catalog.values() if e["path"] == path]
+        catalog_id = str(self.next_id())
+        entry: dict[str, Any] = {
+            "catalog_id": catalog_id,
+            "path": path,
+            "version": version if version is not None else max(versions, default=0) + 1,
+            "kind": "Playbook",
+            "content": json.dumps(playbook),  # JSON is YAML, as the real server stores the text
+            "payload": dict(playbook),
+            "meta": {},
+            "created_at": None,
+        }
+        self.catalog[catalog_id] = entry
+        return entry
 
     def find_credential(self, alias: str) -> dict[str, Any] | None:
         if alias in self.credentials:

@@ -30,6 +30,7 @@ _BUILTIN: dict[str, str] = {
     "postgres": "noetl_worker.tools.postgres",
     "duckdb": "noetl_worker.tools.duckdb",
     "playbook": "noetl_worker.tools.playbook",
+    "workbook": "noetl_worker.tools.workbook",
 }
 _loaded: dict[str, ToolFunction] = {}
 

@@ -2,9 +2,14 @@
 
 One long-lived helper process per interpreter pre-imports the standard library once and forks a
 fresh child per call, so a call costs a ``fork`` instead of an interpreter start, and user code
-never leaks state into the next call. Crashes, infinite loops and memory bombs stay in that child:
-the worker kills the child's process group when a call is cancelled (deadline, shutdown) and
-waits, shielded and bounded, until the server has reaped it, so no process is left behind.
+never leaks state into the next call. The fork happens *ahead* of the call: the server keeps
+spare children forked and waiting (one per execution slot that has run a python step, grown on
+demand), and each finished call orders its replacement, so the fork and the child's set-up are
+off the critical path. The address-space limit is set once on the server, which the children
+inherit. Crashes, infinite loops and memory bombs stay in the child: once a call has its outcome,
+or is cancelled (deadline, shutdown), the worker kills the child's process group, so nothing the
+step started outlives it; a cancelled call waits, shielded and bounded, until the server has
+reaped the child.
 
 All I/O here is trio I/O on non-blocking descriptors; nothing blocks the trio thread.
 """
@@ -17,6 +22,9 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,10 @@ __all__ = ["CallCapture", "ForkServer", "ForkServerHandle"]
 
 RUNNER = str(Path(__file__).with_name("_pyrunner.py"))
 _START_TIMEOUT = 30.0
-# Bounded waits after the child is gone / was killed: a grandchild that escaped the process
-# group could hold the output pipes open forever.
-_DRAIN_GRACE = 1.0
+# Bounded wait after a cancelled call's child was killed, for the server's exit report.
 _REAP_GRACE = 5.0
+# Spare children never exceed this many, whatever the concurrency.
+MAX_SPARES = 64
 
 
 class ServerGone(ToolError):
@@ -90,23 +98,54 @@ class _LineReader:
 
 
 @attrs.define(eq=False)
+class _Spare:
+    """A child forked and waiting for its request: the worker's ends of its call and pipes."""
+
+    sock: trio.socket.SocketType
+    out: int  # non-blocking read ends of the child's stdout / stderr pipes
+    err: int
+    reader: _LineReader
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, out_r: int, err_r: int) -> _Spare:
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        tsock = trio.socket.from_stdlib_socket(sock)
+        return cls(tsock, out_r, err_r, _LineReader(tsock))
+
+    def close(self) -> None:
+        self.sock.close()  # a child still waiting reads EOF and exits
+        for fd in (self.out, self.err):
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
+@attrs.define(eq=False)
 class ForkServer:
-    """One running fork-server process and its control socket."""
+    """One running fork-server process, its control socket and its spare children."""
 
     python: str
     process: trio.Process
     control: trio.socket.SocketType
+    _raw: socket.socket  # the same socket, for sends that must not wait
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _spares: deque[_Spare] = attrs.field(factory=deque)
+    _busy: int = 0
+    _peak: int = 1
 
     @classmethod
-    async def start(cls, python: str) -> ForkServer:
+    async def start(
+        cls, python: str, *, memory_limit_mb: int = 0, env: Mapping[str, str] | None = None
+    ) -> ForkServer:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [python, RUNNER, str(child.fileno()), str(memory_limit_mb), tempfile.gettempdir()]
         try:
             process = await trio.lowlevel.open_process(
-                [python, RUNNER, str(child.fileno())],
+                argv,
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                env=None if env is None else dict(env),
             )
         except OSError as exc:
             parent.close()
@@ -114,7 +153,7 @@ class ForkServer:
         finally:
             child.close()
         control = trio.socket.from_stdlib_socket(parent)
-        server = cls(python=python, process=process, control=control)
+        server = cls(python=python, process=process, control=control, raw=parent)
         try:
             with trio.fail_after(_START_TIMEOUT):
                 ready = await control.recv(1)
@@ -123,73 +162,67 @@ class ForkServer:
         if ready != b"R":
             await server.aclose()
             raise ToolError(f"python fork server ({python}) failed to start")
+        server._order_spare()
         return server
 
     @property
     def alive(self) -> bool:
         return self.process.returncode is None
 
-    async def call(self, request: bytes, capture: CallCapture) -> None:
-        """Run one request in a fresh child, filling ``capture``; kills the child if cancelled."""
+    @property
+    def spares(self) -> int:
+        return len(self._spares)
+
+    def _order_spare(self) -> bool:
+        """Have the server fork one more waiting child now. Never blocks: if the control socket
+        is busy or gone the order is skipped (False) and a later call forks on demand."""
+        if not self.alive or self._send_lock.locked():
+            return False
+        try:
+            self._spares.append(_open_call(lambda fds: self._raw.sendmsg([b"C"], [_rights(fds)])))
+        except OSError:
+            return False
+        return True
+
+    async def _fork_now(self) -> _Spare:
+        """A child for a call that found no spare (the first calls at a new concurrency)."""
         call_parent, call_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
             async with self._send_lock:
-                await self.control.sendmsg(
-                    [b"C"],
-                    [
-                        (
-                            socket.SOL_SOCKET,
-                            socket.SCM_RIGHTS,
-                            array.array("i", [call_child.fileno(), out_w, err_w]),
-                        )
-                    ],
-                )
+                await self.control.sendmsg([b"C"], [_rights((call_child.fileno(), out_w, err_w))])
         except OSError as exc:
-            call_parent.close()
-            os.close(out_r)
-            os.close(err_r)
+            _close_all(call_parent, out_r, err_r)
             raise ServerGone(f"python fork server is gone: {exc}") from exc
         finally:
-            call_child.close()
-            os.close(out_w)
-            os.close(err_w)
-        sock = trio.socket.from_stdlib_socket(call_parent)
-        out_stream = trio.lowlevel.FdStream(out_r)
-        err_stream = trio.lowlevel.FdStream(err_r)
-        reader = _LineReader(sock)
-        finished = False
+            _close_all(call_child, out_w, err_w)
+        return _Spare.wrap(call_parent, out_r, err_r)
+
+    async def call(self, request: bytes, capture: CallCapture) -> None:
+        """Run one request in a waiting child, filling ``capture``; kills the child's process
+        group once the outcome is in, or if cancelled."""
+        spare = self._spares.popleft() if self._spares else await self._fork_now()
+        self._busy += 1
+        self._peak = min(MAX_SPARES, max(self._peak, self._busy))
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain, out_stream, capture, "stdout")
-                nursery.start_soon(_drain, err_stream, capture, "stderr")
-                nursery.start_soon(_send_all, sock, request)
-                while (line := await reader.readline()) is not None:
-                    _record(capture, line)
-                finished = True
-                # The child is gone; stragglers it spawned would hold the pipes open.
-                _kill_group(capture.pid)
-                nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_GRACE
+            await _run(spare, request, capture)
         finally:
-            if not finished:
-                with trio.CancelScope(shield=True), trio.move_on_after(_REAP_GRACE):
-                    while capture.pid is None:
-                        line = await reader.readline()
-                        if line is None:
-                            break
-                        _record(capture, line)
-                    _kill_group(capture.pid)
-                    # Wait for the server's exit report: the child is then reaped, not a zombie.
-                    while (line := await reader.readline()) is not None:
-                        _record(capture, line)
-            sock.close()
-            with trio.CancelScope(shield=True):
-                await out_stream.aclose()
-                await err_stream.aclose()
+            self._busy -= 1
+            # Replacements are ordered once the outcome is in (after this task hands the result
+            # on), never while a step runs: one spare per slot that has run a python step, plus
+            # one so back-to-back steps find one ready.
+            trio.lowlevel.current_trio_token().run_sync_soon(self._refill)
+
+    def _refill(self) -> None:
+        while len(self._spares) + self._busy <= self._peak and self._order_spare():
+            pass
 
     async def aclose(self) -> None:
         """Close the control socket (the server then kills its children and exits)."""
+        spares, self._spares = list(self._spares), deque()
+        for spare in spares:
+            spare.close()
         self.control.close()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(_REAP_GRACE):
@@ -204,6 +237,8 @@ class ForkServerHandle:
     """The shared resource: the current fork server of one interpreter, restarted when it died."""
 
     python: str
+    memory_limit_mb: int = 0
+    env: Mapping[str, str] | None = None  # the children's base environment (None: inherit)
     _server: ForkServer | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
 
@@ -216,7 +251,9 @@ class ForkServerHandle:
                 dead, self._server = self._server, None
                 await dead.aclose()
             if self._server is None:
-                self._server = await ForkServer.start(self.python)
+                self._server = await ForkServer.start(
+                    self.python, memory_limit_mb=self.memory_limit_mb, env=self.env
+                )
             return self._server
 
     async def call(self, request: bytes, capture: CallCapture) -> None:
@@ -237,19 +274,98 @@ class ForkServerHandle:
                 await server.aclose()
 
 
-def _record(capture: CallCapture, line: bytes) -> None:
+def _open_call(send: Callable[[tuple[int, int, int]], object]) -> _Spare:
+    """Make one call's socket and pipes and ``send`` the child's ends (then closed here)."""
+    call_parent, call_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        send((call_child.fileno(), out_w, err_w))
+    except BaseException:
+        _close_all(call_parent, out_r, err_r)
+        raise
+    finally:
+        _close_all(call_child, out_w, err_w)
+    return _Spare.wrap(call_parent, out_r, err_r)
+
+
+def _rights(fds: tuple[int, ...]) -> tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+
+
+def _close_all(sock: socket.socket, *fds: int) -> None:
+    sock.close()
+    for fd in fds:
+        os.close(fd)
+
+
+async def _run(spare: _Spare, request: bytes, capture: CallCapture) -> None:
+    reader = spare.reader
+    finished = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, spare.out, capture, "stdout")
+            nursery.start_soon(_drain, spare.err, capture, "stderr")
+            await _send_all(spare.sock, request)
+            # Stop at the outcome (or the exit report of a crash), never wait for EOF: a process
+            # the step forked may hold the socket open.
+            while (line := await reader.readline()) is not None:
+                if _record(capture, line) in ("outcome", "exit"):
+                    break
+            finished = True
+            # Kill what the step left behind; whatever the child printed before its outcome is
+            # already in the pipes (it flushes first), so read that and stop the drains.
+            _kill_group(capture.pid)
+            nursery.cancel_scope.cancel()
+        _read_rest(spare.out, capture, "stdout")
+        _read_rest(spare.err, capture, "stderr")
+    finally:
+        if not finished:
+            with trio.CancelScope(shield=True), trio.move_on_after(_REAP_GRACE):
+                while capture.pid is None:
+                    line = await reader.readline()
+                    if line is None:
+                        break
+                    _record(capture, line)
+                _kill_group(capture.pid)
+                # Wait for the server's exit report: the child is then reaped, not a zombie;
+                # and for the pipes to close: what the step started is gone too.
+                while (line := await reader.readline()) is not None:
+                    if _record(capture, line) == "exit":
+                        break
+                await _drain(spare.out, capture, "stdout")
+                await _drain(spare.err, capture, "stderr")
+        spare.close()
+
+
+def _record(capture: CallCapture, line: bytes) -> str | None:
+    """Store one message of the child's; says which kind it was (pid, exit, outcome)."""
     try:
         message = json.loads(line)
     except ValueError:
-        return
+        return None
     if not isinstance(message, dict):
-        return
+        return None
     if "pid" in message and len(message) == 1:
         capture.pid = int(message["pid"])
-    elif "exit" in message and len(message) == 1:
+        return "pid"
+    if "exit" in message and len(message) == 1:
         capture.exit_code = int(message["exit"])
-    else:
-        capture.outcome = message
+        return "exit"
+    capture.outcome = message
+    return "outcome"
+
+
+def _read_rest(fd: int, capture: CallCapture, which: str) -> None:
+    """What is left in a pipe now, without waiting (its writers may live on)."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            return
+        if not chunk:
+            return
+        _keep(capture, which, chunk)
 
 
 def _kill_group(pid: int | None) -> None:
@@ -261,15 +377,26 @@ def _kill_group(pid: int | None) -> None:
         pass
 
 
-async def _drain(stream: trio.lowlevel.FdStream, capture: CallCapture, which: str) -> None:
+async def _drain(fd: int, capture: CallCapture, which: str) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        if not chunk:
+            return
+        _keep(capture, which, chunk)
+
+
+def _keep(capture: CallCapture, which: str, chunk: bytes) -> None:
     buf: bytearray = getattr(capture, which)
-    while chunk := await stream.receive_some(65536):
-        room = capture.max_output_bytes - len(buf)
-        if room > 0:
-            buf += chunk[:room]
-        if len(chunk) > room:
-            dropped = len(chunk) - max(room, 0)
-            setattr(capture, f"{which}_dropped", getattr(capture, f"{which}_dropped") + dropped)
+    room = capture.max_output_bytes - len(buf)
+    if room > 0:
+        buf += chunk[:room]
+    if len(chunk) > room:
+        dropped = len(chunk) - max(room, 0)
+        setattr(capture, f"{which}_dropped", getattr(capture, f"{which}_dropped") + dropped)
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:

@@ -1,20 +1,29 @@
-"""The fork server of the ``python`` tool: the child side, run as ``python _pyrunner.py <fd>``.
+"""The fork server of the ``python`` tool: the child side, run as
+``python _pyrunner.py <fd> <memory-limit-mib> <scratch-root>``.
 
 This file is executed as a standalone script by the interpreter a step asks for, so it imports
 nothing from ``noetl_worker`` and only the standard library.
 
-Protocol (one long-lived server process per interpreter; see ``tools/_forkserver.py``):
+Protocol (one long-lived server process per interpreter; the worker side is
+``tools/_forkserver.py``):
 
-- ``<fd>`` is a ``SOCK_SEQPACKET`` unix socket to the worker. The server writes ``b"R"`` once its
-  imports are done. Each request is one packet ``b"C"`` carrying three file descriptors
-  (``SCM_RIGHTS``): the *call* socket, the stdout pipe and the stderr pipe of one call.
-- For each request the server forks a child. The child starts a new session (so a kill of its
-  process group also reaches anything it spawned), points fds 1/2 at the pipes, closes every
-  other inherited descriptor, writes ``{"pid": …}`` on the call socket, reads one JSON line
-  (the request: code, args, env, cwd, memory limit), runs the code and writes one JSON line with
-  the outcome, then ``os._exit(0)``.
-- The server reaps children on ``SIGCHLD`` and writes ``{"exit": <code or -signal>}`` on that
-  child's call socket before closing it, so the worker learns how a crashed child ended.
+- ``<fd>`` is a ``SOCK_SEQPACKET`` unix socket to the worker. The server sets the address-space
+  limit (``RLIMIT_AS``, ``<memory-limit-mib>``, 0 = none) on itself once, so every child inherits
+  it, then writes ``b"R"`` once its imports are done. Each request is one packet ``b"C"``
+  carrying three file descriptors (``SCM_RIGHTS``): the *call* socket, the stdout pipe and the
+  stderr pipe of one call.
+- For each request the server forks a child at once. The worker sends these ahead of need, so
+  a child is already forked and waiting when a command arrives. The child starts a new session
+  (so a kill of its process group also reaches anything it spawned), points fds 1/2 at the
+  pipes, keeps the call socket on fd 3 close-on-exec and closes every other inherited
+  descriptor, takes a scratch ``HOME``/``TMPDIR`` under ``<scratch-root>``, writes
+  ``{"pid": …}`` on the call socket and blocks reading one JSON line (the request: code, args,
+  env, cwd). It runs the code, writes one JSON line with the outcome, then ``os._exit(0)``. A
+  process the step forked that returns into this code exits without writing anything.
+- The environment is the server's own, which the worker starts clean (no worker secrets).
+- The server reaps children on ``SIGCHLD``, removes their scratch directory and writes
+  ``{"exit": <code or -signal>}`` on that child's call socket before closing it, so the worker
+  learns how a crashed child ended.
 - When the worker's end of ``<fd>`` closes (worker exit or tool shutdown) the server kills every
   child's process group and exits.
 """
@@ -36,6 +45,7 @@ import os
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -91,6 +101,7 @@ def _reap(children: dict[int, int]) -> None:
             return
         if pid == 0:
             return
+        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
         fd = children.pop(pid, None)
         if fd is not None:
             _send_line(fd, {"exit": os.waitstatus_to_exitcode(status)})
@@ -108,10 +119,34 @@ def _shutdown(children: dict[int, int]) -> None:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
         os.close(fd)
 
 
-def serve(control_fd: int) -> None:
+_SCRATCH_ROOT = "/tmp"
+_SERVER_PID = 0
+
+
+def _scratch_dir(pid: int) -> str:
+    """The child's scratch HOME/TMPDIR (made by the child, removed by the server on reaping)."""
+    return os.path.join(_SCRATCH_ROOT, f"noetl-py-{_SERVER_PID}-{pid}")
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """Once, in the server: every child inherits the limit (setting it per child cost ~2.5 ms)."""
+    if limit_mb <= 0:
+        return
+    limit = limit_mb * 1024 * 1024
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp") -> None:
+    global _SCRATCH_ROOT, _SERVER_PID
+    _SCRATCH_ROOT, _SERVER_PID = scratch_root, os.getpid()
+    _limit_memory(memory_limit_mb)
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
     wake_r, wake_w = os.pipe()
@@ -172,10 +207,20 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
         signal.signal(signum, signal.SIG_DFL)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
+    # The result channel must not reach programs the step starts (os.spawn*, subprocess): they
+    # would hold the call open after the step ended. (A plain os.fork() still shares it; such a
+    # process exits below without writing, and the worker stops reading at the outcome.)
     if call_fd != CALL_FD:
-        os.dup2(call_fd, CALL_FD)
+        os.dup2(call_fd, CALL_FD, inheritable=False)
+    else:
+        os.set_inheritable(CALL_FD, False)
     # Other calls' sockets must not stay open in this child, or their EOF would wait for it.
     os.closerange(CALL_FD + 1, 1 << 20)
+    me = os.getpid()
+    scratch = _scratch_dir(me)
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.mkdir(scratch, 0o700)
+    os.environ.update(HOME=scratch, TMPDIR=scratch)  # set for the step, not read
     sys.stdout = io.TextIOWrapper(
         io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
         line_buffering=True,
@@ -186,12 +231,15 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     )  # fmt: skip
     call = socket.socket(fileno=CALL_FD)
     call.setblocking(True)
-    call.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+    _warm_up()
+    call.sendall(json.dumps({"pid": me}).encode() + b"\n")
     line = call.makefile("rb").readline()
     if not line:
         os._exit(0)  # the worker went away before sending the request
     request = json.loads(line)
     outcome = _execute(request)
+    if os.getpid() != me:
+        os._exit(0)  # a process the step forked came back here: only the child reports
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -205,14 +253,15 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     os._exit(0)
 
 
-def _apply_limits(request: dict[str, Any]) -> None:
-    limit_mb = request.get("memory_limit_mb")
-    if limit_mb:
-        limit = int(limit_mb) * 1024 * 1024
-        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+_WARM_UP = {"code": "def main(x):\n    return [x, {'k': 1.5}]\n", "args": {"x": "y"}}
+
+
+def _warm_up() -> None:
+    """Run the request path once on a trivial step while still waiting for the real one: the
+    copy-on-write page faults a first run takes (~1 ms here) then happen before, not during,
+    the step."""
+    json.loads(json.dumps(_WARM_UP))
+    json.dumps(_execute(_WARM_UP), allow_nan=False)
 
 
 def _execute(request: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +271,6 @@ def _execute(request: dict[str, Any]) -> dict[str, Any]:
             os.chdir(request["cwd"])
         if request.get("path"):
             sys.path[:0] = [str(p) for p in request["path"]]
-        _apply_limits(request)
         args: dict[str, Any] = request.get("args") or {}
         namespace: dict[str, Any] = {
             "__name__": "__main__",
@@ -236,43 +284,85 @@ def _execute(request: dict[str, Any]) -> dict[str, Any]:
         }
         namespace.update((k, v) for k, v in args.items() if k.isidentifier())
         namespace["args"] = args
+        _import_libs(namespace, request.get("libs") or [])
+        before = dict(namespace)
         code = compile(request["code"], request.get("filename", "<python step>"), "exec")
-        exec(code, namespace)
-        main = namespace.get("main")
-        if callable(main):
-            value = main(**_accepted_kwargs(main, args))
-            if inspect.isawaitable(value):
-                value = asyncio.run(_await(value))
-            if value is not None:
-                return {"ok": True, "has_value": True, "data": to_jsonable(value)}
-        if namespace.get("result") is not None:
-            return {"ok": True, "has_value": True, "data": to_jsonable(namespace["result"])}
-        return {"ok": True, "has_value": False}
-    except SystemExit as exc:
-        if exc.code in (None, 0):
-            return {"ok": True, "has_value": False}
-        return _error_outcome(exc, None)
+        try:
+            exec(code, namespace)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                raise
+        return {"ok": True, "has_value": True, "data": to_jsonable(_step_value(namespace, before, args))}
     except BaseException as exc:
         return _error_outcome(exc, None)
+
+
+def _import_libs(namespace: dict[str, Any], libs: list[Any]) -> None:
+    """The step's ``libs``: ``[alias, module, name]`` → ``import module as alias`` (``name`` None)
+    or ``from module import name as alias``. A missing module fails the step, naming it."""
+    import importlib
+
+    for alias, module, name in libs:
+        imported = importlib.import_module(module)
+        if name and not hasattr(imported, name):
+            imported = importlib.import_module(f"{module}.{name}")  # a submodule, as ``from`` allows
+            namespace[alias] = imported
+            continue
+        namespace[alias] = getattr(imported, name) if name else imported
+
+
+def _step_value(namespace: dict[str, Any], before: dict[str, Any], args: dict[str, Any]) -> Any:
+    """What noetl's worker stores: ``main()``'s return value (``None`` included) when the code
+    defines ``main``; else the ``result`` the code assigned; else a summary of what it defined."""
+    main = namespace.get("main")
+    if callable(main) and main is not before.get("main"):
+        value = main(**_accepted_kwargs(main, args, namespace.get("context")))
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+        return value
+    if "result" in namespace and namespace["result"] is not before.get("result", _UNSET):
+        return namespace["result"]
+    defined = [k for k in namespace if not k.startswith("__") and namespace[k] is not before.get(k, _UNSET)]
+    return {
+        "status": "success",
+        "message": "Code executed without explicit result variable",
+        "locals_count": len(defined),
+        "locals_keys": defined,
+    }
+
+
+_UNSET = object()
 
 
 async def _await(value: Any) -> Any:
     return await value
 
 
-def _accepted_kwargs(main: Any, args: dict[str, Any]) -> dict[str, Any]:
+def _accepted_kwargs(main: Any, args: dict[str, Any], context: Any = None) -> dict[str, Any]:
     try:
         parameters = inspect.signature(main).parameters.values()
     except (TypeError, ValueError):
-        return dict(args)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return dict(args)
     names = {
         p.name
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
-    return {k: v for k, v in args.items() if k in names}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        chosen = dict(args)
+    else:
+        chosen = {k: v for k, v in args.items() if k in names}
+    if "context" in names and "context" not in chosen:
+        chosen["context"] = context if context is not None else {}  # noetl passes the render context
+    if isinstance(context, dict):
+        # noetl's worker fills the rest from the render context: its input, data, then top level.
+        sources = [s for s in (context.get("input"), context.get("data"), context) if isinstance(s, dict)]
+        for name in names - chosen.keys():
+            for source in sources:
+                if name in source:
+                    chosen[name] = source[name]
+                    break
+    return chosen
 
 
 def _error_outcome(exc: BaseException, during: str | None) -> dict[str, Any]:
@@ -331,6 +421,6 @@ def _key(key: Any) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        sys.exit(f"usage: {sys.argv[0]} <control-fd>")
-    serve(int(sys.argv[1]))
+    if len(sys.argv) != 4 or not sys.argv[1].isdigit() or not sys.argv[2].isdigit():
+        sys.exit(f"usage: {sys.argv[0]} <control-fd> <memory-limit-mib> <scratch-root>")
+    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

@@ -5,9 +5,10 @@ list of strings), the Python worker's plural ``queries`` | ``commands`` | ``cmds
 name with ``_b64`` / ``_base64`` for base64-encoded text. Every piece is rendered, then split
 into statements.
 
-Result ``data``: one statement → ``{columns, rows, row_count}`` (row-returning) or
-``{affected_rows}``; several → the last statement's fields plus ``statements`` (every result)
-and ``statement_count``.
+``rows_result`` / ``command_result`` shape one statement's result as noetl's Python worker
+does (``{status, rows, row_count, columns}``, or ``{status, row_count, message}`` without rows);
+``combine`` / ``error_result`` give the postgres tool's step result: the last statement's fields
+plus ``statement_count`` (and ``errors`` / ``message`` when a statement failed).
 """
 
 from __future__ import annotations
@@ -81,22 +82,39 @@ def rows_result(columns: Sequence[str], rows: Sequence[Sequence[Any]], as_object
         ]
     else:
         shaped = [[json_safe(value) for value in row] for row in rows]
-    return {"columns": list(columns), "rows": shaped, "row_count": len(shaped)}
+    return {"status": "success", "rows": shaped, "row_count": len(shaped), "columns": list(columns)}
+
+
+def command_result(rowcount: int) -> dict[str, Any]:
+    """A statement without rows (DML, DDL): the affected row count (-1 when unknown)."""
+    return {
+        "status": "success",
+        "row_count": rowcount,
+        "message": f"Command executed. {rowcount} rows affected.",
+    }
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
-    if len(results) == 1:
-        return results[0]
-    return {**results[-1], "statements": results, "statement_count": len(results)}
+    """The step result: the last statement's result plus how many statements ran."""
+    return {**results[-1], "statement_count": len(results)}
 
 
 def error_result(
     kind: str, sqlstate: str | None, message: str, statement_index: int | None, total: int
 ) -> ToolResult:
+    """A failed statement (``statement_index``) or connection (``None``).
+
+    Statements after a failing one are not run (noetl's worker runs them anyway), so the data
+    is the failing statement's: ``{status: error, message, errors: [{statement_index, message}],
+    statement_count, sqlstate}``.
+    """
     where = f" (statement {statement_index + 1} of {total})" if statement_index is not None else ""
     code = f"SQLSTATE {sqlstate}: " if sqlstate else ""
-    return ToolResult(
-        "error",
-        error=f"{kind}: {code}{message}{where}",
-        data={"sqlstate": sqlstate, "message": message, "statement_index": statement_index},
-    )
+    data: dict[str, Any] = {"status": "error", "sqlstate": sqlstate}
+    if statement_index is None:
+        data["message"] = message
+    else:
+        data["errors"] = [{"statement_index": statement_index, "message": message}]
+        data["message"] = f"statement_{statement_index}: {message}"
+        data["statement_count"] = statement_index + 1
+    return ToolResult("error", error=f"{kind}: {code}{message}{where}", data=data)

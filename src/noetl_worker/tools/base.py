@@ -8,10 +8,13 @@ the tool is cancelled and the command reports status ``timeout``, so tools only 
 cancellable, not to implement the deadline themselves.
 
 Outcomes:
-- return ``ToolResult(status="success" | "error" | "timeout", ...)`` → ``call.done``
-  (a non-2xx HTTP answer or a non-zero exit is a *result* with status ``error``);
+- return a ``ToolResult`` (see its docstring for what ``status``, ``data`` and ``error`` mean);
+  a failure the playbook can see — an exception in user code, a non-zero exit, a failing SQL
+  statement, a non-2xx HTTP answer — is a *result* with status ``error``, not an exception;
 - raise ``ToolConfigError(kind, field, problem)`` for invalid configuration, ``ToolError`` when
-  the tool could not run at all → ``call.error`` + ``command.failed``.
+  the tool could not run at all.
+
+How a result becomes events is the server dialect's business, never the tool's.
 """
 
 from __future__ import annotations
@@ -32,7 +35,29 @@ TOOL_STATUSES: tuple[ToolStatus, ...] = ("success", "error", "timeout")
 
 @attrs.frozen
 class ToolResult:
-    """What a tool returns; serialised into ``call.done`` as upstream's ToolResult."""
+    """What a tool returns.
+
+    The contract every tool keeps (and the server dialect relies on):
+
+    - ``status`` ``"success"``: ``data`` is the step's result exactly as noetl's own Python
+      worker (4.12.1) stores it, so ``{{ step.field }}`` in later steps reads the same fields:
+      python → ``main()``'s return value (else the ``result`` global, else a summary); shell →
+      ``{returncode, stdout, stderr, commands, duration_ms}``; http → ``{status_code, headers,
+      url, elapsed, data}``; postgres → the last statement's ``{status, rows, columns,
+      row_count}`` plus ``statement_count``; duckdb → its summary (``command_<n>_rows``,
+      ``command_<n>_sample``, …); task_sequence → ``{status, _prev, results, ctx, metrics}``;
+      playbook with ``return_step`` → the child's status document. Each tool module documents
+      its shape.
+    - ``status`` ``"error"`` / ``"timeout"``: what noetl's worker treats as a tool error (python
+      exception, non-zero exit, failing SQL, non-2xx HTTP, a failed task sequence, a deadline).
+      ``error`` is the error text (one line, for people); ``data`` is the data part of noetl's
+      error envelope when it has one (shell ``{returncode, stdout, stderr, commands,
+      duration_ms}``, http the response as on success, postgres the statement summary with
+      ``errors``), else a small diagnostic object or ``None``.
+
+    ``stdout`` / ``stderr`` / ``exit_code`` / ``duration_ms`` / ``pending_callback`` are the Rust
+    worker's envelope fields; ``to_json`` gives that envelope (the Rust dialect's ``call.done``).
+    """
 
     status: ToolStatus
     data: Any = None
@@ -124,6 +149,10 @@ async def _no_release() -> AsyncIterator[None]:
     yield
 
 
+async def _as_is(config: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(config)
+
+
 @attrs.frozen
 class ToolContext:
     """Everything a tool may know about the command it runs."""
@@ -146,6 +175,12 @@ class ToolContext:
     # against ``variables``; a bare ``{{ name }}`` yields the object itself, not its string form.
     # Bound by dispatch to ``templating.render``; identity where no templating is wanted.
     render: Callable[[Any], Any] = _identity
+    # ``await ctx.prepare_task(config)`` gives a tool config that a tool assembles at run time
+    # (a task of a task sequence, a workbook action) the same treatment the command's own
+    # config had before dispatch: credential aliases (``auth: <name>``, the ``{alias: {type,
+    # key}}`` map) and ``{{ keychain.… }}`` references resolved, their secrets added to
+    # ``secrets`` so results are scrubbed of them. Bound by the pipeline; as-is by default.
+    prepare_task: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]] = _as_is
 
 
 ToolFunction = Callable[[Mapping[str, Any], ToolContext], Awaitable[ToolResult]]

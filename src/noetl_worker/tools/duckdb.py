@@ -1,13 +1,21 @@
 """``duckdb``: run SQL in DuckDB, in a worker thread, with one connection per call.
 
 Config: the SQL fields of ``_sqltool`` (``query`` | ``command`` | …), ``params`` (list for
-``?`` / ``$1``, object for ``$name``), ``db_path`` | ``database`` (in-memory when absent),
-``as_objects`` (true), ``read_only``; ``db_type`` is accepted when it is ``duckdb``. Results
-have the postgres tool's shape.
+``?`` / ``$1``, object for ``$name``), ``db_path`` | ``database`` (when absent: the file
+``$NOETL_DATA_DIR/noetldb/duckdb_<execution_id>.duckdb`` shared by the steps of one execution,
+as noetl's worker does, if ``NOETL_DATA_DIR`` is set; else in memory),
+``read_only``; ``db_type`` (noetl's worker loads a DuckDB extension for it, downloading it if
+needed) is accepted and ignored: the worker must work offline.
+
+Result ``data`` (as noetl's Python worker stores it), a summary: ``executed_commands``, and for
+every statement *n* (from 1) that returned rows ``command_<n>_rows`` (how many) and
+``command_<n>_sample`` (the first five, as lists), plus ``task_id``, ``execution_id``,
+``secrets_created`` (0) and ``database_path``. A failing statement stops the script: status
+``error``.
 
 Scripts are split into statements by DuckDB's own parser (``extract_statements``), which knows
-DuckDB's dialect exactly and gives each statement's type; the hand-written splitter of ``_sql``
-is used only to name the statement that does not parse.
+DuckDB's dialect exactly; the hand-written splitter of ``_sql`` is used only to name the
+statement that does not parse.
 
 A connection per call keeps concurrent commands apart (a DuckDB connection must not be used by
 two threads at once); calls on the same file share DuckDB's in-process database instance.
@@ -16,33 +24,40 @@ Extensions are never installed from the network: the worker must work offline.
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import duckdb
 import trio
 
-from ..errors import ToolConfigError
+from ..errors import ToolConfigError, ToolError
 from . import _fields, _sql, _sqltool
 from ._blocking import run_interruptible
+from ._jsonsafe import json_safe
 from .base import ToolContext, ToolResult
 
 KIND = "duckdb"
-# Statement types whose result is rows even when the only column is called "Count".
-_ROW_TYPES = frozenset({"SELECT", "EXPLAIN", "PRAGMA", "CALL", "EXECUTE", "RELATION"})
+
+
+SAMPLE_ROWS = 5
+DATA_DIR_ENV = "NOETL_DATA_DIR"
 
 
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
-    _fields.choice(KIND, config, "db_type", ("duckdb",), None)
+    db_type = config.get("db_type")
+    if db_type is not None and not isinstance(db_type, str):
+        raise ToolConfigError(KIND, "db_type", f"expected a name such as sqlite or postgres, got {db_type!r}")
     found = _fields.first(config, "db_path", "database")
-    path = ctx.render(found[1]) if found else ":memory:"
+    path = ctx.render(found[1]) if found else await _default_path(ctx)
     if not isinstance(path, str) or not path:
         field = found[0] if found else "db_path"
         raise ToolConfigError(KIND, field, f"expected a file path or ':memory:', got {path!r}")
     scripts = _sqltool.read_statements(KIND, config, ctx, split=_whole_script)
     params = _sqltool.read_params(KIND, config, ctx)
-    as_objects = _fields.flag(KIND, config, "as_objects", default=True)
     read_only = _fields.flag(KIND, config, "read_only", default=False)
 
     try:
@@ -56,15 +71,37 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             stop.set()
             conn.interrupt()
 
-        results = await run_interruptible(
-            lambda: _execute(conn, scripts, params, as_objects, stop), interrupt
-        )
+        results = await run_interruptible(lambda: _execute(conn, scripts, params, stop), interrupt)
     except _StatementError as exc:
         return _sqltool.error_result(KIND, None, _message(exc.error), exc.index, exc.total)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(conn.close)
-    return ToolResult("success", data=_sqltool.combine(results))
+    return ToolResult("success", data=_summary(results, path, ctx))
+
+
+async def _default_path(ctx: ToolContext) -> str:
+    """noetl's default, one file per execution under ``NOETL_DATA_DIR`` (so the steps of an
+    execution share their tables), when that directory is configured; else in memory."""
+    data_dir = os.environ.get("NOETL_DATA_DIR", "").strip()
+    if not data_dir:
+        return ":memory:"
+    folder = os.path.join(data_dir, "noetldb")
+    try:
+        await trio.to_thread.run_sync(partial(os.makedirs, folder, exist_ok=True))
+    except OSError as exc:
+        raise ToolError(f"duckdb: cannot create {folder} ({DATA_DIR_ENV}): {exc}") from exc
+    return os.path.join(folder, f"duckdb_{ctx.execution_id}.duckdb")
+
+
+def _summary(results: list[list[Any]], path: str, ctx: ToolContext) -> dict[str, Any]:
+    summary: dict[str, Any] = {"executed_commands": len(results), "task_id": str(uuid.uuid4())}
+    for number, rows in enumerate(results, start=1):
+        if rows:
+            summary[f"command_{number}_rows"] = len(rows)
+            summary[f"command_{number}_sample"] = [[json_safe(v) for v in row] for row in rows[:SAMPLE_ROWS]]
+    summary.update(execution_id=str(ctx.execution_id), secrets_created=0, database_path=path)
+    return summary
 
 
 def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -84,9 +121,9 @@ def _whole_script(text: str) -> list[str]:
     return [text] if text.strip() else []
 
 
-def _statements(conn: duckdb.DuckDBPyConnection, scripts: list[str]) -> list[tuple[str, frozenset[str]]]:
-    """(statement, its DuckDB statement type) for every statement of the scripts, in order."""
-    out: list[tuple[str, frozenset[str]]] = []
+def _statements(conn: duckdb.DuckDBPyConnection, scripts: list[str]) -> list[str]:
+    """Every statement of the scripts, in order, as DuckDB's parser splits them."""
+    out: list[str] = []
     for script in scripts:
         try:
             parsed = conn.extract_statements(script)
@@ -101,9 +138,9 @@ def _statements(conn: duckdb.DuckDBPyConnection, scripts: list[str]) -> list[tup
                     error = inner if isinstance(inner, duckdb.Error) else exc
                     raise _StatementError(len(out), error, total) from exc
                 if statement is not None:
-                    out.append((statement.query, frozenset({statement.type.name})))
+                    out.append(statement.query)
             raise _StatementError(len(out), exc, max(total, len(out) + 1)) from exc
-        out.extend((s.query, frozenset({s.type.name})) for s in parsed)
+        out.extend(s.query for s in parsed)
     return out
 
 
@@ -112,30 +149,23 @@ class _Stopped(Exception):
 
 
 def _execute(
-    conn: duckdb.DuckDBPyConnection,
-    scripts: list[str],
-    params: Any,
-    as_objects: bool,
-    stop: threading.Event,
-) -> list[dict[str, Any]]:
+    conn: duckdb.DuckDBPyConnection, scripts: list[str], params: Any, stop: threading.Event
+) -> list[list[Any]]:
+    """Every statement's rows (DML gives DuckDB's one-row count, as noetl's summary shows)."""
     statements = _statements(conn, scripts)
     if not statements:
         raise ToolConfigError(KIND, "query", "holds no SQL statement")
-    results: list[dict[str, Any]] = []
-    for index, (statement, kinds) in enumerate(statements):
+    results: list[list[Any]] = []
+    for index, statement in enumerate(statements):
         if stop.is_set():
             raise _Stopped
         bound = params if params is not None and _sql.has_markers(statement) else None
         try:
             conn.execute(statement, bound)
-            columns = [str(d[0]) for d in conn.description or ()]
-            rows = conn.fetchall() if columns else []
+            rows = conn.fetchall() if conn.description else []
         except duckdb.Error as exc:
             raise _StatementError(index, exc, len(statements)) from exc
-        if columns == ["Count"] and not kinds & _ROW_TYPES:
-            results.append({"affected_rows": int(rows[0][0]) if rows else 0})
-        else:
-            results.append(_sqltool.rows_result(columns, rows, as_objects))
+        results.append(list(rows))
     return results
 
 

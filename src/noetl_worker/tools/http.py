@@ -4,7 +4,15 @@ Accepted config (Rust worker names first, Python worker aliases after):
 ``method`` (GET), ``url`` | ``endpoint``, ``headers``, ``params``, ``json`` | ``body`` |
 ``payload``, ``data`` (Python-worker rules), ``form``, ``timeout_seconds`` | ``timeout``,
 ``follow_redirects`` (true), ``verify`` | ``verify_ssl`` (true), ``response_type``
-(json | text | binary; chosen from Content-Type when absent) and ``auth``.
+(json | text | binary; chosen from Content-Type when absent) and ``auth``: the flat form
+``{type: bearer|basic|api_key, token | credential | …}`` or noetl's map form
+``{<alias>: {type, key: <credential>}, …}`` (the worker merges each credential into its entry
+before the tool runs; every entry is applied, later ones win on the same header).
+
+Result ``data`` (as noetl's Python worker stores it): ``{status_code, headers, url, elapsed,
+data}`` with ``data`` the decoded body (JSON, text, or ``{base64, size}`` for binary). A non-2xx
+answer is status ``error`` with the same data; no answer at all is status ``error`` without
+data; the deadline is status ``timeout``.
 
 The request's total deadline is a trio cancel scope: httpx timeouts only bound single I/O
 operations, so a server dribbling a byte at a time would otherwise never time out.
@@ -17,6 +25,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -192,32 +201,56 @@ def _apply_auth(request: _Request, auth: Any, ctx: ToolContext) -> None:
         return
     if not isinstance(auth, Mapping):
         raise ToolConfigError(
-            KIND, "auth", "expected an object {type: bearer|basic|api_key, credential|token, ...}"
+            KIND,
+            "auth",
+            "expected an object: {type: bearer|basic|api_key, token|credential, ...} or"
+            " {<alias>: {type, key: <credential>}}",
         )
+    if _is_auth_map(auth):
+        for alias, entry in auth.items():
+            _apply_auth_entry(request, entry, ctx, f"auth.{alias}", override=True)
+        return
+    _apply_auth_entry(request, auth, ctx, "auth", override=False)
+
+
+def _is_auth_map(auth: Mapping[str, Any]) -> bool:
+    """noetl's map form: no ``type`` of its own, and every value is an entry object."""
+    return "type" not in auth and bool(auth) and all(isinstance(v, Mapping) for v in auth.values())
+
+
+def _apply_auth_entry(
+    request: _Request, auth: Mapping[str, Any], ctx: ToolContext, field: str, *, override: bool
+) -> None:
+    """One auth entry → a header. ``override``: noetl's map entries replace a header the
+    playbook set; the flat form never does (the Rust worker's rule)."""
     kind = _fields.choice(KIND, auth, "type", AUTH_TYPES, "bearer" if "token" in auth else None)
     if kind is None:
-        raise ToolConfigError(KIND, "auth.type", f"required: one of {', '.join(AUTH_TYPES)}")
+        raise ToolConfigError(KIND, f"{field}.type", f"required: one of {', '.join(AUTH_TYPES)}")
     if kind == "none":
         return
     present = {key.lower() for key in request.headers}
     if kind == "bearer":
-        token = _secret(auth, ctx, "token", "access_token")
-        if "authorization" not in present:
-            request.headers["Authorization"] = f"Bearer {token}"
+        token = _secret(auth, ctx, field, "token", "access_token", "bearer_token", "value")
+        _set_header(request, "Authorization", f"Bearer {token}", present, override)
     elif kind == "basic":
         username = auth.get("username") or auth.get("user") or ""
-        password = _secret(auth, ctx, "password")
+        password = _secret(auth, ctx, field, "password")
         pair = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        if "authorization" not in present:
-            request.headers["Authorization"] = f"Basic {pair}"
+        _set_header(request, "Authorization", f"Basic {pair}", present, override)
     else:
-        header = str(auth.get("header") or "X-API-Key")
-        key = _secret(auth, ctx, "api_key", "key", "token", "value")
-        if header.lower() not in present:
-            request.headers[header] = key
+        header = str(auth.get("header") or auth.get("header_name") or "X-API-Key")
+        key = _secret(auth, ctx, field, "api_key", "token", "value")
+        _set_header(request, header, key, present, override)
 
 
-def _secret(auth: Mapping[str, Any], ctx: ToolContext, *inline: str) -> str:
+def _set_header(request: _Request, name: str, value: str, present: set[str], override: bool) -> None:
+    if name.lower() in present and not override:
+        return
+    request.headers = {k: v for k, v in request.headers.items() if k.lower() != name.lower()}
+    request.headers[name] = value
+
+
+def _secret(auth: Mapping[str, Any], ctx: ToolContext, field: str, *inline: str) -> str:
     for name in inline:
         if isinstance(auth.get(name), str):
             return str(ctx.render(auth[name]))
@@ -226,9 +259,9 @@ def _secret(auth: Mapping[str, Any], ctx: ToolContext, *inline: str) -> str:
         return ctx.secrets[alias]
     raise ToolConfigError(
         KIND,
-        "auth",
-        f"no secret: give {' or '.join(inline)} inline, or a 'credential' alias the worker"
-        f" resolved (got credential={alias!r})",
+        field,
+        f"no secret: give {' or '.join(inline)} inline, a 'key' naming a stored credential, or a"
+        f" 'credential' alias the worker resolved (got credential={alias!r})",
     )
 
 
@@ -250,18 +283,25 @@ def _timeout_result(method: str, url: str, timeout: float, exc: Exception | None
 
 
 def _result(response: httpx.Response, response_type: str | None, elapsed: float) -> ToolResult:
-    body = _decode_body(response, response_type)
     data = {
         "status_code": response.status_code,
         "headers": {key: ", ".join(response.headers.get_list(key)) for key in response.headers},
         "url": str(response.url),
         "elapsed": round(elapsed, 6),
-        "body": body,
-        "data": body,
+        "data": _decode_body(response, response_type),
     }
     if response.is_success:
         return ToolResult("success", data=data)
-    return ToolResult("error", data=data, error=f"HTTP {response.status_code}")
+    phrase = response.reason_phrase or _standard_phrase(response.status_code)
+    reason = f": {phrase}" if phrase else ""
+    return ToolResult("error", data=data, error=f"HTTP {response.status_code}{reason}")
+
+
+def _standard_phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def _decode_body(response: httpx.Response, response_type: str | None) -> Any:

@@ -1,4 +1,4 @@
-"""``noop``: returns its ``result`` (or ``{"status": "ok", "message": …}``) without doing anything."""
+"""``noop``: returns its ``result`` if given, else noetl's ``{"status": "noop", "step": <step>}``."""
 
 from __future__ import annotations
 
@@ -11,4 +11,4 @@ from .base import ToolContext, ToolResult
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     if "result" in config and config["result"] is not None:
         return ToolResult("success", data=config["result"])
-    return ToolResult("success", data={"status": "ok", "message": config.get("message")})
+    return ToolResult("success", data={"status": "noop", "step": ctx.step})

@@ -1,16 +1,20 @@
-"""``playbook``: start a child execution on the server and (by default) wait for its end.
+"""``playbook``: start a child execution on the server and, with ``return_step``, wait for it.
 
-Config: ``path`` | ``resource_path`` | ``catalog_id``, ``version``, ``payload`` | ``args`` |
-``input`` | ``workload`` (the child's workload), ``parent_execution_id`` (this command's
-execution when absent), ``wait`` (true; false = fire-and-forget, returning the execute answer),
+Config: ``path`` | ``resource_path`` | ``catalog_id``, ``version``, ``payload`` (else ``args`` and
+``input`` merged, ``input`` winning; else ``workload``) — the child's workload,
+``parent_execution_id`` (this command's execution when absent), ``return_step`` (wait for the
+child), ``wait`` (overrides: true waits even without ``return_step``, false never waits),
 ``timeout`` (300 s of waiting), ``poll_interval`` (2 s).
 
-``POST /api/execute`` starts the child; ``GET /api/executions/{id}/status`` is polled until it
-reports ``completed`` or ``failed`` (booleans, or a ``status`` string). While polling, the
-worker's execution slot is given back ("waiting is not working", docs/architecture.md): the
-child's own commands may need it.
-Transport errors and retryable statuses (408, 425, 429, 5xx) are retried with capped backoff,
-honouring ``Retry-After``; other 4xx answers end the tool with status ``error``.
+``POST /api/execute`` starts the child. Without waiting the result ``data`` is noetl's
+fire-and-forget answer ``{status: "started", execution_id, path, data: <execute answer>}``.
+Waiting, ``GET /api/executions/{id}/status`` is polled until it reports ``completed`` or
+``failed`` and ``data`` is that status document, as noetl's worker stores it: a *failed* child
+is a successful call (the parent routes on ``{{ step.failed }}``), as it is there. Not done
+within ``timeout``: status ``timeout`` (noetl's worker reports success with ``status:
+started``). While polling, the worker's execution slot is given back: the child's own commands
+may need it. Transport errors and retryable statuses (408, 425, 429, 5xx) are retried with
+capped backoff, honouring ``Retry-After``; other 4xx answers end the tool with status ``error``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class _Final(Exception):
 
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     body = _execute_body(config, ctx)
-    wait = _fields.flag(KIND, config, "wait", default=True)
+    wait = _fields.flag(KIND, config, "wait", default=config.get("return_step") not in (None, ""))
     timeout = _fields.seconds(KIND, config, "timeout") or DEFAULT_TIMEOUT
     poll_interval = _fields.seconds(KIND, config, "poll_interval") or DEFAULT_POLL_INTERVAL
 
@@ -61,8 +65,8 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         return ToolResult("error", error=f"POST /api/execute: server unreachable: {exc}")
     execution_id = _execution_id(started)
     if not wait:
-        data = dict(started) if isinstance(started, Mapping) else {"response": started}
-        return ToolResult("success", data={**data, "execution_id": execution_id})
+        data = {"status": "started", "execution_id": execution_id, "path": body.get("path"), "data": started}
+        return ToolResult("success", data=data)
     if execution_id is None:
         return ToolResult("error", data={"response": started}, error="POST /api/execute gave no execution_id")
 
@@ -84,10 +88,8 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         **(last if isinstance(last, Mapping) else {"status": last}),
         "execution_id": execution_id,
     }
-    if outcome == "completed":
+    if outcome is not None:
         return ToolResult("success", data=data)
-    if outcome == "failed":
-        return ToolResult("error", data=data, error=f"child execution {execution_id} failed")
     return ToolResult(
         "timeout",
         data=data,
@@ -106,11 +108,16 @@ def _execute_body(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]
     body: dict[str, Any] = {"catalog_id" if name == "catalog_id" else "path": str(value)}
     if config.get("version") is not None:
         body["version"] = ctx.render(config["version"])
-    payload = _fields.first(config, "payload", "args", "input", "workload")
-    payload_value = ctx.render(payload[1]) if payload else {}
-    if not isinstance(payload_value, Mapping):
-        raise ToolConfigError(KIND, payload[0] if payload else "payload", "expected an object")
-    body["payload"] = dict(payload_value)
+    payload: dict[str, Any] = {}
+    for name in ("payload",) if config.get("payload") is not None else ("workload", "args", "input"):
+        value = config.get(name)
+        if value is None:
+            continue
+        value = ctx.render(value)
+        if not isinstance(value, Mapping):
+            raise ToolConfigError(KIND, name, "expected an object")
+        payload.update(value)
+    body["payload"] = payload
     parent = config.get("parent_execution_id")
     # A string: the Python server's execution ids are strings, and it does not coerce ints.
     body["parent_execution_id"] = str(ctx.render(parent) if parent is not None else ctx.execution_id)

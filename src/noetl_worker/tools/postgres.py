@@ -9,6 +9,10 @@ markers: ``%s`` / ``%(name)s`` (psycopg) or ``$1`` (the Rust worker's; rewritten
 
 Connections are pooled per connection string (a few idle ones kept, ``POOL_SIZE`` at most in
 use) and closed when the worker shuts down. A cancelled command cancels its query on the server.
+
+SQL fields and result shape: see ``_sqltool`` — the last statement's ``{status, rows, columns,
+row_count}`` (or ``{status, row_count, message}``) plus ``statement_count``; the first failing
+statement stops the script and gives status ``error``.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ def _execute(
             try:
                 cursor.execute(statement, params)
                 if cursor.description is None:
-                    results.append({"affected_rows": max(cursor.rowcount, 0)})
+                    results.append(_sqltool.command_result(cursor.rowcount))
                     continue
                 columns = [column.name for column in cursor.description]
                 results.append(_sqltool.rows_result(columns, cursor.fetchall(), as_objects))

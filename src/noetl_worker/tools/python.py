@@ -6,13 +6,26 @@ Config (compatible with both upstream workers):
   ``http(s)://`` URL, or ``{uri, source: {type: file|http|inline, path, endpoint, method,
   headers, timeout, code}}``;
 - ``args`` and ``input`` (merged, ``args`` wins): every key becomes a global, ``args`` holds the
-  whole dict, and ``main(**kwargs)`` gets the keys it accepts (all of them with ``**kwargs``).
+  whole dict, and ``main(**kwargs)`` gets the keys it accepts (all of them with ``**kwargs``); a
+  parameter the args do not fill is looked up, as noetl's worker does, in the render context's
+  ``input``, then ``data``, then its top-level names (``context`` itself is the render context).
   Strings inside are rendered with ``ctx.render``;
-- ``timeout`` / ``timeout_seconds`` → status ``timeout``; ``env`` (extra environment), ``cwd``,
-  ``python`` (interpreter, default the worker's own).
+  A string that spells a JSON (or Python literal) object or list is parsed, as noetl's worker
+  does with values the server rendered to text;
+- ``libs``: ``{alias: module}`` (``import module as alias``) or ``{alias: {from, import}}``
+  (``from … import … as alias``), imported before the code runs;
+- ``deps``: ``sys_path`` (directories put first on ``sys.path``; missing ones are skipped, as
+  noetl does) and ``venv_path`` (a virtualenv whose site-packages is added); ``packages``
+  (installing at run time) is refused: install them in the image or a venv;
+- ``timeout`` / ``timeout_seconds`` → status ``timeout`` (enforced: the child is killed);
+  ``env`` (the step's environment, on top of a clean base: PATH, locale, TZ, a scratch
+  HOME/TMPDIR — never the worker's own), ``cwd``, ``python`` (interpreter, default the worker's
+  own).
 
-Result ``data``: ``main``'s return value if not ``None``, else the ``result`` global, else stdout
-parsed as JSON, else ``{"stdout", "stderr"}``. Output is captured into ``stdout``/``stderr``.
+Result ``data`` (as noetl's Python worker stores it): ``main``'s return value when the code
+defines ``main`` (``None`` included), else the ``result`` variable the code assigned, else a
+summary ``{status: success, message, locals_count, locals_keys}``. Output is captured into
+``stdout``/``stderr``.
 An exception in user code, a crash (``os._exit``, a segfault) or the memory limit
 (``NOETL_PYTHON_MEMORY_LIMIT_MB``, address space of the child, default 1024, 0 = unlimited) give a
 result with status ``error``; the worker and the next call are unaffected.
@@ -20,11 +33,15 @@ result with status ``error``; the worker and the next call are unaffected.
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
+import glob
 import json
+import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -36,6 +53,8 @@ import trio
 from ..errors import ToolConfigError, ToolError
 from ._forkserver import CallCapture, ForkServerHandle
 from .base import ToolContext, ToolResult
+
+log = logging.getLogger(__name__)
 
 MEMORY_LIMIT_ENV = "NOETL_PYTHON_MEMORY_LIMIT_MB"
 DEFAULT_MEMORY_LIMIT_MB = 1024
@@ -53,16 +72,18 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         "args": args,
         "env": _env(config, ctx),
         "cwd": config.get("cwd"),
-        "memory_limit_mb": _memory_limit_mb(),
+        "libs": _libs(config),
+        "path": await _sys_path(config),
     }
-    if "context" in code:  # only ship the (possibly large) render context when it can be used
+    memory_limit_mb = _memory_limit_mb()
+    if _uses_context(code, args):  # only ship the (possibly large) render context when it can be used
         request["context"] = dict(ctx.variables)
     payload = json.dumps(request, default=str).encode() + b"\n"
     python = config.get("python") or sys.executable
     if not isinstance(python, str):
         raise ToolConfigError("python", "python", "expected an interpreter path (string)")
     handle = await ctx.resources.get_or_create(
-        _resource_key(python), lambda: _new_handle(python), _close_handle
+        _resource_key(python), lambda: _new_handle(python, memory_limit_mb), _close_handle
     )
     capture = CallCapture(max_output_bytes=MAX_OUTPUT_BYTES)
     started = time.monotonic()
@@ -78,15 +99,16 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             stderr=capture.text("stderr"),
             duration_ms=duration_ms,
         )
-    return _result(capture, duration_ms, request["memory_limit_mb"])
+    return _result(capture, duration_ms, handle.memory_limit_mb)
 
 
 def _resource_key(python: str) -> str:
     return "python.forkserver" if python == sys.executable else f"python.forkserver:{python}"
 
 
-async def _new_handle(python: str) -> ForkServerHandle:
-    handle = ForkServerHandle(python)
+async def _new_handle(python: str, memory_limit_mb: int) -> ForkServerHandle:
+    # The limit is set once on the fork server, which every child inherits.
+    handle = ForkServerHandle(python, memory_limit_mb=memory_limit_mb, env=clean_env())
     await handle.server()  # start now, so a bad interpreter fails this call, not a later one
     return handle
 
@@ -95,13 +117,27 @@ async def _close_handle(handle: ForkServerHandle) -> None:
     await handle.aclose()
 
 
+# What a python child inherits from the worker's environment; nothing else of it (no tokens,
+# passwords or worker configuration). HOME and TMPDIR are a scratch directory per child.
+_KEPT_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ"})
+_KEPT_PREFIXES = ("LC_", "KUBERNETES_SERVICE_")
+
+
+def clean_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The base environment of python children: locale, PATH, timezone, the Kubernetes API
+    address; the step's declared ``env`` is added per call."""
+    source = os.environ if source is None else source
+    env = {k: v for k, v in source.items() if k in _KEPT_NAMES or k.startswith(_KEPT_PREFIXES)}
+    env.setdefault("PATH", os.defpath)
+    return env
+
+
 def _result(capture: CallCapture, duration_ms: int, memory_limit_mb: int) -> ToolResult:
     stdout, stderr = capture.text("stdout"), capture.text("stderr")
     outcome = capture.outcome
     common: dict[str, Any] = {"stdout": stdout, "stderr": stderr, "duration_ms": duration_ms}
     if outcome is not None and outcome.get("ok"):
-        data = outcome.get("data") if outcome.get("has_value") else _stdout_fallback(stdout, stderr)
-        return ToolResult("success", data=data, exit_code=0, **common)
+        return ToolResult("success", data=outcome.get("data"), exit_code=0, **common)
     if outcome is not None:
         error = str(outcome.get("error") or "python code failed")
         if error.startswith("MemoryError") and memory_limit_mb:
@@ -133,16 +169,6 @@ def _exit_message(exit_code: int | None) -> str:
     return f"python process killed by {name}{hint}"
 
 
-def _stdout_fallback(stdout: str, stderr: str) -> Any:
-    text = stdout.strip()
-    if text:
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return {"stdout": stdout, "stderr": stderr}
-
-
 def _args(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for field in ("input", "args"):
@@ -153,9 +179,114 @@ def _args(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, Any]:
             raise ToolConfigError("python", field, f"expected a mapping, got {type(value).__name__}")
         merged.update(value)
     rendered = ctx.render(merged)
-    if not isinstance(rendered, dict):
-        return dict(rendered)
-    return rendered
+    return {str(k): _coerce(v) for k, v in dict(rendered).items()}
+
+
+_MAIN = re.compile(r"^(?:async\s+)?def\s+main\s*\(([^)]*)\)", re.MULTILINE)
+
+
+def _uses_context(code: str, args: Mapping[str, Any]) -> bool:
+    """Whether the code may read the render context: it names ``context``, or ``main`` has a
+    parameter the args do not fill (noetl's worker fills it from the render context)."""
+    if "context" in code:
+        return True
+    match = _MAIN.search(code)
+    if match is None:
+        return False
+    for part in match.group(1).split(","):
+        name = part.split(":")[0].split("=")[0].strip()
+        if name and not name.startswith("*") and name != "/" and name not in args:
+            return True
+    return False
+
+
+def _coerce(value: Any) -> Any:
+    """A value the server rendered to text (``"{'a': 1}"``, ``"[1, 2]"``) back to its object."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not ((text.startswith("{") and text.endswith("}")) or (text.startswith("[") and text.endswith("]"))):
+        return value
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+
+
+def _libs(config: Mapping[str, Any]) -> list[list[str | None]]:
+    """``libs`` as ``[alias, module, name-or-None]`` triples the runner imports."""
+    libs = config.get("libs")
+    if libs is None:
+        return []
+    if not isinstance(libs, Mapping):
+        raise ToolConfigError(
+            "python", "libs", "expected a mapping of alias to module, or alias to {from, import}"
+        )
+    out: list[list[str | None]] = []
+    for alias, spec in libs.items():
+        field = f"libs.{alias}"
+        if not isinstance(alias, str) or not alias.isidentifier():
+            raise ToolConfigError("python", field, "the alias must be a Python identifier")
+        if isinstance(spec, str) and _MODULE.fullmatch(spec):
+            out.append([alias, spec, None])
+        elif (
+            isinstance(spec, Mapping)
+            and isinstance(spec.get("from"), str)
+            and _MODULE.fullmatch(spec["from"])
+            and isinstance(spec.get("import"), str)
+            and spec["import"].isidentifier()
+        ):
+            out.append([alias, spec["from"], spec["import"]])
+        else:
+            raise ToolConfigError(
+                "python", field, f"expected a module name or {{from: <module>, import: <name>}}, got {spec!r}"
+            )
+    return out
+
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+async def _sys_path(config: Mapping[str, Any]) -> list[str]:
+    """Directories from ``deps.sys_path`` (existing ones) and ``deps.venv_path``'s site-packages."""
+    deps = config.get("deps")
+    if deps is None:
+        return []
+    if not isinstance(deps, Mapping):
+        raise ToolConfigError("python", "deps", "expected a mapping with sys_path and/or venv_path")
+    if deps.get("packages"):
+        raise ToolConfigError(
+            "python",
+            "deps.packages",
+            "installing packages at run time is not supported: install them in the worker image,"
+            " or build a virtualenv and name it in deps.venv_path",
+        )
+    paths: list[str] = []
+    raw = deps.get("sys_path") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise ToolConfigError("python", "deps.sys_path", "expected a list of directory paths")
+    for path in raw:
+        if await trio.Path(path).is_dir():
+            paths.append(path)
+        else:
+            log.warning("python deps.sys_path: %r is not a directory; skipped", path)
+    venv = deps.get("venv_path")
+    if venv is not None:
+        if not isinstance(venv, str) or not await trio.Path(venv).is_dir():
+            raise ToolConfigError("python", "deps.venv_path", f"{venv!r} is not an existing directory")
+        found = sorted(
+            await trio.to_thread.run_sync(glob.glob, os.path.join(venv, "lib", "python*", "site-packages"))
+        )
+        if not found:
+            raise ToolConfigError("python", "deps.venv_path", f"no lib/python*/site-packages under {venv!r}")
+        paths.append(found[-1])
+    return paths
 
 
 def _env(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, str]:

@@ -1,10 +1,15 @@
-"""``shell``: run a command (``command`` string) or a list of commands (``cmds``) with a shell.
+"""``shell``: run a command or a list of commands with a shell, one after another.
 
-Config: ``command`` | ``cmds`` (aliases ``cmd``; a string or a list), ``shell`` (default ``sh``),
-``cwd``, ``env`` (added to the worker's environment), ``timeout``/``timeout_seconds`` (applied by
-dispatch as the command deadline; the process group is killed when it expires).
-Result data ``{exit_code, stdout, stderr}`` (plus ``commands`` with one entry per command for a
-list); status ``error`` on the first non-zero exit (later commands do not run).
+Config: ``cmds`` | ``cmd`` | ``command`` | ``commands`` (a string or a list of strings; first
+present wins), ``shell`` (default ``sh``), ``cwd``, ``env`` (added to the worker's environment),
+``timeout``/``timeout_seconds`` (applied by dispatch as the command deadline; the process group
+is killed when it expires).
+
+Result ``data`` (as noetl's Python worker stores it): ``{returncode, stdout, stderr, commands,
+duration_ms}`` — ``returncode`` of the last command run, ``stdout``/``stderr`` the non-empty
+outputs joined by newlines, ``commands`` one ``{cmd_preview, returncode, stdout, stderr,
+duration_ms}`` per command run. The first non-zero exit stops the list and gives status
+``error`` with the same data. (``exit_code``, the Rust worker's field, is on the ToolResult.)
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +29,11 @@ from .base import ToolContext, ToolResult
 MAX_OUTPUT = 4 * 1024 * 1024  # per stream; beyond it the output is truncated with a marker
 
 
+_COMMAND_FIELDS = ("cmds", "cmd", "command", "commands")
+
+
 def _commands(config: Mapping[str, Any]) -> list[str]:
-    for key in ("cmds", "command", "cmd", "commands"):
+    for key in _COMMAND_FIELDS:
         if key not in config or config[key] is None:
             continue
         value = config[key]
@@ -36,7 +45,7 @@ def _commands(config: Mapping[str, Any]) -> list[str]:
             return list(value)
         raise ToolConfigError("shell", key, "accepted: a string or a non-empty list of strings")
     raise ToolConfigError(
-        "shell", "command", "missing: give `command` (a string) or `cmds` (a list of strings)"
+        "shell", "cmds", f"missing: give one of {', '.join(_COMMAND_FIELDS)} (a string or a list of strings)"
     )
 
 
@@ -90,30 +99,50 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
         raise ToolConfigError("shell", "cwd", f"accepted: an existing directory, got {cwd!r}")
     env = _env(ctx.render(dict(config)) if config.get("env") else config)
     outputs: list[dict[str, Any]] = []
+    started = time.monotonic()
     try:
         for command in commands:
+            began = time.monotonic()
             code, out, err = await _run_one([shell, "-c", str(command)], cwd, env)
-            outputs.append({"command": command, "exit_code": code, "stdout": out, "stderr": err})
+            outputs.append(_command_entry(str(command), code, out, err, time.monotonic() - began))
             if code != 0:
                 break
     except FileNotFoundError:
         raise ToolConfigError("shell", "shell", f"interpreter {shell!r} not found") from None
-    stdout = "".join(o["stdout"] for o in outputs)
-    stderr = "".join(o["stderr"] for o in outputs)
-    code = outputs[-1]["exit_code"]
-    data: dict[str, Any] = {
-        "exit_code": code,
+    return _result(outputs, time.monotonic() - started)
+
+
+def _command_entry(command: str, code: int, stdout: str, stderr: str, seconds: float) -> dict[str, Any]:
+    lines = command.strip().splitlines()
+    return {
+        "cmd_preview": lines[0][:120] if lines else "",
+        "returncode": code,
         "stdout": stdout,
         "stderr": stderr,
-        "returncode": code,
+        "duration_ms": int(seconds * 1000),
     }
-    if len(commands) > 1:
-        data["commands"] = outputs
+
+
+def _result(outputs: list[dict[str, Any]], seconds: float) -> ToolResult:
+    """noetl's shape: outputs joined by newlines, per-command entries, the last return code."""
+    stdout = "\n".join(o["stdout"] for o in outputs if o["stdout"])
+    stderr = "\n".join(o["stderr"] for o in outputs if o["stderr"])
+    last = outputs[-1]
+    code = last["returncode"]
+    duration_ms = int(seconds * 1000)
+    data = {
+        "returncode": code,
+        "stdout": stdout,
+        "stderr": stderr,
+        "commands": outputs,
+        "duration_ms": duration_ms,
+    }
     return ToolResult(
         "success" if code == 0 else "error",
         data=data,
         stdout=stdout,
         stderr=stderr,
         exit_code=code,
-        error=None if code == 0 else f"command exited with code {code}",
+        duration_ms=duration_ms,
+        error=None if code == 0 else f"shell command exited with returncode={code}: {last['cmd_preview']}",
     )

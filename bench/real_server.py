@@ -1,0 +1,268 @@
+"""Both workers on the real NoETL server 4.12.1: loop and concurrent-execution throughput.
+
+Run from the repository root (the interop venv is built by ``scripts/interop-setup``):
+
+    .venv/bin/python bench/real_server.py [--iterations 200] [--executions 50] [--json] [--out FILE]
+
+(``--json``: the numbers as one JSON line at the end, as ``bench/run.py`` reads them; ``--smoke``:
+10 iterations and 3 executions, to check the script still runs.)
+
+Two stacks start at once (``tests/interop/harness.py``: nats-server, a database of its own, the
+real server), one with noetl's own worker (``python -m noetl.worker``, 8 commands in flight) and
+one with ours (``python -m noetl_worker``, ``WORKER_MAX_CONCURRENT=8``). Each workload runs on
+one stack at a time, so the two workers never compete for the cores:
+
+(a) a python loop of ``--iterations`` items, ``mode: parallel``, ``max_in_flight: 8``;
+(b) ``--executions`` executions of a three-step python playbook, started at once.
+
+Per worker and workload: wall time (execute → ``playbook.completed`` event), step-commands/s
+(``call.done`` events / wall), claim→done p50/p95 per command from the server's own event
+timestamps (``command.claimed`` → ``call.done`` of the same command id), worker CPU ms per
+command (utime + stime of the worker's whole process group from /proc, children included),
+and the worker's idle RSS (process group, after start-up and again after the workloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.interop.harness import Proc, Run, Stack, event_result, open_stacks  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+LOOP = """
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {{name: bench_loop, path: bench/loop}}
+workload:
+  items: {items}
+workflow:
+  - step: each
+    loop:
+      in: "{{{{ workload.items }}}}"
+      iterator: item
+      spec: {{mode: parallel, max_in_flight: 8}}
+    tool:
+      kind: python
+      input: {{v: "{{{{ iter.item }}}}"}}
+      code: |
+        def main(v):
+            return {{"v": int(v) * 2}}
+    next: {{arcs: [{{step: end}}]}}
+  - step: end
+    tool: {{kind: noop}}
+"""
+
+THREE_STEPS = """
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: bench_three, path: bench/three}
+workflow:
+  - step: one
+    tool:
+      kind: python
+      code: |
+        def main():
+            return {"n": 1}
+    next: {arcs: [{step: two}]}
+  - step: two
+    tool:
+      kind: python
+      input: {n: "{{ one.n }}"}
+      code: |
+        def main(n):
+            return {"n": int(n) + 1}
+    next: {arcs: [{step: three}]}
+  - step: three
+    tool:
+      kind: python
+      input: {n: "{{ two.n }}"}
+      code: |
+        def main(n):
+            return {"n": int(n) + 1}
+"""
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime (+ reaped children's) of every process in the worker's process group."""
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return total / TICK
+
+
+def group_rss_mib(pgid: int) -> float:
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total / (1024 * 1024)
+
+
+def _ts(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["created_at"])).timestamp()
+
+
+def claim_to_done(runs: list[Run]) -> list[float]:
+    """Seconds from each command's ``command.claimed`` to its ``call.done``, server timestamps."""
+    out: list[float] = []
+    for run in runs:
+        claimed: dict[str, float] = {}
+        done: dict[str, float] = {}
+        for e in run.events:
+            context = event_result(e).get("context")
+            if not isinstance(context, dict) or "command_id" not in context:
+                continue
+            cid = str(context["command_id"])
+            if e.get("event_type") == "command.claimed":
+                claimed[cid] = _ts(e)
+            elif e.get("event_type") in ("call.done", "call.error"):
+                done[cid] = _ts(e)
+        out.extend(done[c] - claimed[c] for c in done if c in claimed)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def worker_proc(stack: Stack) -> Proc:
+    return next(p for p in stack.procs if "-worker-" in p.name)
+
+
+def measure(stack: Stack, label: str, runs_fn: Any) -> dict[str, Any]:
+    worker = worker_proc(stack)
+    cpu0 = group_cpu_seconds(worker.pid)
+    started = time.monotonic()
+    runs: list[Run] = runs_fn()
+    wall = time.monotonic() - started
+    cpu = group_cpu_seconds(worker.pid) - cpu0
+    commands = sum(r.count("call.done") + r.count("call.error") for r in runs)
+    latencies = claim_to_done(runs)
+    outcomes = sorted({str(r.terminal) for r in runs})
+    return {
+        "workload": label,
+        "outcomes": outcomes,
+        "executions": len(runs),
+        "step_commands": commands,
+        "wall_s": round(wall, 2),
+        "commands_per_s": round(commands / wall, 1) if wall else None,
+        "claim_to_done_p50_ms": round(pct(latencies, 0.5) * 1000, 1),
+        "claim_to_done_p95_ms": round(pct(latencies, 0.95) * 1000, 1),
+        "worker_cpu_ms_per_command": round(cpu * 1000 / commands, 2) if commands else None,
+    }
+
+
+def loop_runs(stack: Stack, iterations: int) -> list[Run]:
+    content = LOOP.format(items=json.dumps(list(range(iterations))))
+    return [stack.run(content, timeout=900, worker=stack.name)]
+
+
+def concurrent_runs(stack: Stack, executions: int) -> list[Run]:
+    path = stack.register(THREE_STEPS)
+    ids = [stack.execute(path) for _ in range(executions)]
+
+    def wait(eid: str) -> Run:
+        terminal, events = stack.wait_terminal(eid, timeout=900)
+        return Run(
+            worker=stack.name,
+            path=path,
+            execution_id=eid,
+            terminal=terminal,
+            events=tuple(events),
+            status={},
+            wall_seconds=0.0,
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(wait, ids))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--executions", type=int, default=50)
+    parser.add_argument("--json", action="store_true", help="print the numbers as one JSON line at the end")
+    parser.add_argument("--out", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--smoke", action="store_true", help="10 iterations, 3 executions")
+    args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.executions = 10, 3
+    results: dict[str, Any] = {"iterations": args.iterations, "executions": args.executions, "workers": {}}
+    with open_stacks(["noetl", "ours"]) as stacks:
+        for name, stack in stacks.items():
+            time.sleep(5)  # let start-up settle before the idle reading
+            worker = worker_proc(stack)
+            results["workers"][name] = {"idle_rss_mib_at_start": round(group_rss_mib(worker.pid), 1)}
+        for name, stack in stacks.items():
+            # warm-up (first python step, connections) outside the measurement
+            stack.run(THREE_STEPS, timeout=300, worker=name)
+        for name, stack in stacks.items():
+            row = results["workers"][name]
+            row["loop"] = measure(
+                stack, f"loop x{args.iterations}", lambda s=stack: loop_runs(s, args.iterations)
+            )
+            print(name, json.dumps(row["loop"]), flush=True)
+        for name, stack in stacks.items():
+            row = results["workers"][name]
+            row["concurrent"] = measure(
+                stack, f"{args.executions} x 3 steps", lambda s=stack: concurrent_runs(s, args.executions)
+            )
+            print(name, json.dumps(row["concurrent"]), flush=True)
+        for name, stack in stacks.items():
+            time.sleep(2)
+            worker = worker_proc(stack)
+            results["workers"][name]["idle_rss_mib_after"] = round(group_rss_mib(worker.pid), 1)
+    results["load_average"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

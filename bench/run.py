@@ -1,0 +1,222 @@
+"""Every benchmark, one table: measured against target, with the machine's cores and load.
+
+    python bench/run.py [--json] [--smoke] [--only NAME ...]
+
+Runs each benchmark in its own process (the repository's interpreter) and reads the JSON line it
+prints with ``--json``:
+
+- ``throughput``  bench/throughput.py: the worker and the naive design-card loop alternating
+  (bursts of 500 at concurrency 16), paced 20/s, idle;
+- ``python``      bench/python_tool.py: a trivial python step through the tool, warm;
+- ``result``      bench/result_reference.py: a 50 MB tabular result, scrub + PUT + shared memory;
+- ``real_server`` bench/real_server.py, when present: ours and noetl's own worker on the real
+  NoETL server.
+
+``--smoke`` runs each with a tiny N and checks no threshold (CI runs it so the benchmarks never
+rot); the numbers then mean nothing. On a shared machine wall times are noisy: the CPU figures
+and the ratios measured in one run are the ones to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+
+@attrs.frozen
+class Check:
+    label: str
+    value: Callable[[dict[str, Any]], float]
+    target: str
+    ok: Callable[[float, dict[str, Any]], bool]
+    unit: str = ""
+
+
+@attrs.frozen
+class Bench:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    smoke_args: tuple[str, ...]
+    checks: tuple[Check, ...]
+    optional: bool = False
+
+
+def _paced_over_burst(o: dict[str, Any]) -> float:
+    return float(o["steady_cpu_ms_per_cmd"]) / float(o["burst_cpu_ms_per_cmd"])
+
+
+BENCHES = (
+    Bench(
+        "throughput",
+        "throughput.py",
+        (),
+        (
+            "--commands",
+            "8",
+            "--concurrency",
+            "4",
+            "--rounds",
+            "1",
+            "--idle",
+            "0.5",
+            "--steady",
+            "1",
+            "--rate",
+            "5",
+        ),
+        (
+            Check(
+                "burst: worker / naive loop CPU",
+                lambda o: o["ratio_worker_over_naive"],
+                "≤ 0.6",
+                lambda v, o: v <= 0.6,
+            ),
+            Check(
+                "burst: worker CPU per command",
+                lambda o: o["burst_cpu_ms_per_cmd"],
+                "-",
+                lambda v, o: True,
+                "ms",
+            ),
+            Check(
+                "burst: naive loop CPU per command",
+                lambda o: o["naive_cpu_ms_per_cmd"],
+                "-",
+                lambda v, o: True,
+                "ms",
+            ),
+            Check(
+                "burst: throughput", lambda o: o["burst_cmd_per_s"], "≥ 300", lambda v, o: v >= 300, "cmd/s"
+            ),
+            Check("paced 20/s: CPU per command / burst", _paced_over_burst, "≤ 1.2", lambda v, o: v <= 1.2),
+            Check(
+                "paced 20/s: publish→claim p50", lambda o: o["steady_p50_ms"], "< 5", lambda v, o: v < 5, "ms"
+            ),
+            Check(
+                "paced 20/s: publish→claim p99",
+                lambda o: o["steady_p99_ms"],
+                "< 25",
+                lambda v, o: v < 25,
+                "ms",
+            ),
+            Check("idle RSS", lambda o: o["idle_rss_mib"], "≤ 45", lambda v, o: v <= 45, "MiB"),
+            Check("idle CPU", lambda o: o["idle_millicores"], "< 5", lambda v, o: v < 5, "millicores"),
+            Check(
+                "peak RSS (16-wide bursts)", lambda o: o["peak_rss_mib"], "≤ 80", lambda v, o: v <= 80, "MiB"
+            ),
+        ),
+    ),
+    Bench(
+        "python",
+        "python_tool.py",
+        ("200",),
+        ("5",),
+        (
+            Check(
+                "trivial step, warm, p50",
+                lambda o: o["spaced"]["p50_ms"],
+                "≤ 2.0",
+                lambda v, o: v <= 2.0,
+                "ms",
+            ),
+            Check("  worker CPU per step", lambda o: o["spaced"]["cpu_ms"], "-", lambda v, o: True, "ms"),
+            Check("  back to back, p50", lambda o: o["back_to_back"]["p50_ms"], "-", lambda v, o: True, "ms"),
+        ),
+    ),
+    Bench(
+        "result",
+        "result_reference.py",
+        ("--raw", "--only-build"),
+        ("--raw", "--only-build", "--mb", "1"),
+        (
+            Check("50 MB tabular result, wall", lambda o: o["wall_s"], "≤ 1.5", lambda v, o: v <= 1.5, "s"),
+            Check("  CPU", lambda o: o["cpu_s"], "-", lambda v, o: True, "s"),
+            Check(
+                "  peak RSS above the input",
+                lambda o: o["rss_above_input_mib"],
+                "≤ 2x JSON",
+                lambda v, o: v <= 2 * o["json_mib"],
+                "MiB",
+            ),
+        ),
+    ),
+    Bench("real_server", "real_server.py", (), ("--smoke",), (), optional=True),
+)
+
+
+def run_one(bench: Bench, smoke: bool) -> dict[str, Any] | None:
+    script = BENCH / bench.script
+    if not script.exists():
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [sys.executable, str(script), *(bench.smoke_args if smoke else bench.args), "--json"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{bench.script} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1])
+    result["_load_average"] = os.getloadavg()[0]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="also print every number as JSON")
+    parser.add_argument("--smoke", action="store_true", help="tiny N, no thresholds (CI)")
+    parser.add_argument("--only", nargs="*", choices=[b.name for b in BENCHES], help="run only these")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start")
+    results: dict[str, Any] = {"cores": os.cpu_count()}
+    rows: list[tuple[str, str, str, str]] = []
+    failed = False
+    for bench in BENCHES:
+        if args.only and bench.name not in args.only:
+            continue
+        try:
+            out = run_one(bench, args.smoke)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            if not bench.optional:
+                raise
+            rows.append((f"{bench.name}: failed, {str(exc).splitlines()[0]}", "-", "-", "failed"))
+            continue
+        if out is None:
+            rows.append((f"{bench.name}: bench/{bench.script} not present", "-", "-", "skipped"))
+            continue
+        results[bench.name] = out
+        load = f"(load {out['_load_average']:.1f})"
+        if not bench.checks:
+            rows.append((f"{bench.name} {load}", "see its JSON", "-", "ran"))
+        for check in bench.checks:
+            value = float(check.value(out))
+            verdict = (
+                "-" if args.smoke or check.target == "-" else ("met" if check.ok(value, out) else "NOT met")
+            )
+            failed |= verdict == "NOT met"
+            rows.append((f"{check.label} {load}", f"{value:.2f} {check.unit}".strip(), check.target, verdict))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'benchmark':<{width}}  {'measured':>18}  {'target':>10}  verdict")
+    for label, value, target, verdict in rows:
+        print(f"{label:<{width}}  {value:>18}  {target:>10}  {verdict}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    return 0 if args.smoke or not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The benchmarks still run: ``bench/run.py --smoke`` (tiny N, no thresholds), as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--smoke",
+        "--json",
+        "--only",
+        "throughput",
+        "python",
+        "result",
+    ]
+    with trio.fail_after(900):
+        done = await trio.run_process(
+            argv, cwd=ROOT, env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    table = out.splitlines()
+    assert table[0].startswith("machine: ") and "cores, load average" in table[0]
+    results = json.loads(table[-1])
+    assert results["throughput"]["ratio_worker_over_naive"] > 0
+    assert results["throughput"]["steady_n"] > 0
+    assert results["python"]["spaced"]["p50_ms"] > 0
+    assert results["result"]["json_mib"] > 0 and results["result"]["cpu_s"] > 0
+    for label in ("burst: worker / naive loop CPU", "trivial step, warm, p50", "50 MB tabular result, wall"):
+        assert any(line.startswith(label) for line in table), label
