@@ -100,7 +100,7 @@ async def wait_for_scrapes(client: httpx.AsyncClient, base: str, count: int) -> 
     while True:
         try:
             result = await query(client, base, "count_over_time(up[1m])")
-        except (httpx.TransportError, AssertionError):
+        except (httpx.TransportError, AssertionError, ValueError):  # starting: no answer / not JSON yet
             result = []
         if result and float(result[0]["value"][1]) >= count:
             up = await query(client, base, "up")
