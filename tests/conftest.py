@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -30,6 +32,30 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+# ---- fuzzing budget ----------------------------------------------------------------------------
+
+FUZZ_LONG = False  # set by --fuzz-long (pytest_configure below)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        default=False,
+        help="run every hypothesis fuzz test with 100,000 examples instead of the CI budget",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global FUZZ_LONG
+    FUZZ_LONG = bool(config.getoption("--fuzz-long"))
+
+
+def fuzz_examples(ci: int) -> int:
+    """Examples for one fuzz test: ``ci`` in the normal run, 100,000 with ``--fuzz-long``."""
+    return 100_000 if FUZZ_LONG else ci
+
+
 async def poll_until(predicate: Callable[[], bool], interval: float = 0.05) -> None:
     """For state that lives outside this process (a NATS connection flag, a consumer's lag) and
     so has no event to wait on. Callers bound it with ``trio.fail_after``."""
@@ -42,8 +68,6 @@ async def poll_until(predicate: Callable[[], bool], interval: float = 0.05) -> N
 # ---- real components -------------------------------------------------------------------------
 
 from collections.abc import AsyncIterator  # noqa: E402
-
-import pytest  # noqa: E402
 
 from noetl_worker.config import Settings  # noqa: E402
 from noetl_worker.testing import (  # noqa: E402

@@ -167,23 +167,30 @@ async def test_empty_server_url_falls_back_to_noetl_server_url_and_api_suffix_is
 # ---- claim outcomes ---------------------------------------------------------------------------
 
 
-async def test_409_another_worker_holds_it_is_acked_and_skipped(
+async def test_409_another_worker_holds_it_is_asked_again_until_terminal_then_acked(
     stub: StubServer, publisher: Publisher, make_settings: Callable[..., Settings]
 ) -> None:
+    """A claim held by another worker is not acked away: that worker may have been drained or
+    killed mid-command, and this notification may be the command's last. Once the command is
+    terminal, the next answer (409 already_terminal) is acked."""
     command = stub.state.enqueue_command(step="a", tool_kind="shell", tool_config={"command": "echo no"})
     async with httpx.AsyncClient() as client:
         r = await client.post(
             f"{stub.url}/api/commands/{command.event_id}/claim", json={"worker_id": "other"}
         )
         assert r.status_code == 200
-    with trio.fail_after(30):
+    with trio.fail_after(40):
         async with open_worker(make_settings()) as worker:
             await publisher.publish_command(command.notification(stub.url))
-            await stub.state.wait_for(lambda: len(stub.state.requests_to(r"/claim$")) == 2, 10)
-            await wait_acked(publisher)
+            await stub.state.wait_for(lambda: len(stub.state.requests_to(r"/claim$")) == 3, 20)
+            lag = await publisher.bus.consumer_lag()
+            assert lag.pending + lag.ack_pending == 1, "the notification was dropped"
             registry = worker.runtime.metrics.registry  # type: ignore[union-attr]
-            assert registry.get_sample_value("noetl_worker_pulls_total", {"outcome": "already_claimed"}) == 1
+            assert registry.get_sample_value("noetl_worker_pulls_total", {"outcome": "already_claimed"}) == 2
+            stub.state.command(command.event_id).status = "COMPLETED"  # the other worker finished
+            await wait_acked(publisher, timeout=20)
     assert "command.started" not in stub.state.event_types(command)
+    assert len(stub.state.requests_to(r"/claim$")) == 4
 
 
 async def test_404_unknown_command_is_reported_and_terminated_not_redelivered(

@@ -59,7 +59,7 @@ def test_rust_server_shape_with_string_command_id_pool_and_trace() -> None:
             "command_id",
         ),
         (json.dumps({"execution_id": 1, "event_id": 1, "command_id": "c", "step": ""}).encode(), "step"),
-        (b"\xff\xfe", "not JSON"),
+        (b"\xff\xfe", "not UTF-8"),
     ],
 )
 def test_malformed_notifications_are_rejected_with_a_reason(payload: bytes, fragment: str) -> None:

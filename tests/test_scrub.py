@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noetl_worker.scrub import REDACTED, Scrubber, is_sensitive_key
+from noetl_worker.scrub import MIN_SECRET_LENGTH, REDACTED, Scrubber, is_sensitive_key
 
 SENSITIVE_KEYS = [
     "password", "db_password", "x_api_key", "Authorization", "client-secret", "apiKey",
@@ -146,3 +150,89 @@ def test_clean_subtrees_are_shared_not_copied() -> None:
     out = Scrubber.create().scrub(value)
     assert out["data"] is clean and out["dirty"] == {"password": REDACTED}
     assert value["dirty"] == {"password": "x"}
+
+
+# --- encoded forms, the worker's own key, the log filter ---------------------------------------
+
+printable_secrets = st.text(
+    st.characters(min_codepoint=33, max_codepoint=126), min_size=MIN_SECRET_LENGTH + 4, max_size=40
+)
+
+
+@given(printable_secrets, st.binary(max_size=7), st.binary(max_size=7))
+@settings(max_examples=300)
+def test_encoded_forms_are_scrubbed(secret: str, before: bytes, after: bytes) -> None:
+    scrubber = Scrubber.create([secret])
+    raw = before + secret.encode() + after
+    # Base64 of a text containing the secret at any offset: nothing decodable to it is left.
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        scrubbed = scrubber.scrub_text(f"seen: {encode(raw).decode()} end")
+        for token in re.findall(r"[A-Za-z0-9+/_-]+", scrubbed):
+            for shift in range(4):
+                piece = token[shift:]
+                piece = piece[: len(piece) - len(piece) % 4]
+                try:
+                    decoded = base64.b64decode(piece.replace("-", "+").replace("_", "/"))
+                except (ValueError, binascii.Error):
+                    continue
+                assert secret.encode() not in decoded
+    lower_hex = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(secret, safe=""))
+    for encoded in (
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        lower_hex,
+        json.dumps(secret)[1:-1],
+    ):
+        assert encoded not in scrubber.scrub_text(f"seen: {encoded} end")
+
+
+def test_basic_header_password_is_scrubbed() -> None:
+    header = "Basic " + base64.b64encode(b"ada:pw-0123456789").decode()
+    assert "cHctMDEyMzQ1Njc4OQ" not in Scrubber.create(["pw-0123456789"]).scrub_text(f"auth was {header} !")
+    assert Scrubber.create(["pw-0123456789"]).scrub_text(f"x {header} y").count(REDACTED) == 1
+
+
+def test_sealing_key_material_is_scrubbed() -> None:
+    from noetl_worker.config import Settings
+    from noetl_worker.pipeline import worker_scrubber
+    from noetl_worker.sealed import SealingKey
+
+    key = SealingKey.generate()
+    raw = key.secret_bytes()
+    settings = Settings.from_env(
+        {"NATS_URL": "nats://u:nats-pw-1234@h:4222", "NOETL_INTERNAL_API_TOKEN": "tok-5678"}
+    )
+    scrubber = worker_scrubber(settings, {"MOUNTED": "mounted-9012"}, key)
+    for leak in (base64.b64encode(raw).decode(), raw.hex(), "nats-pw-1234", "tok-5678", "mounted-9012"):
+        assert leak not in scrubber.scrub_text(f"leaked {leak} here")
+
+
+def test_log_lines_are_scrubbed_including_tracebacks_and_fields() -> None:
+    import io
+    import logging
+
+    from noetl_worker import logs, scrub
+
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.ScrubFilter())
+    logger = logging.getLogger("scrub-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    previous = scrub.active()
+    scrub.set_process_scrubber(Scrubber.create(["proc-secret-1"]))
+    try:
+        scrub.set_command_scrubber(Scrubber.create(["cmd-secret-2", "proc-secret-1"]))
+        try:
+            raise ValueError("boom cmd-secret-2")
+        except ValueError:
+            logger.exception("failed with %s", "proc-secret-1", extra={"detail": "cmd-secret-2"})
+    finally:
+        scrub.set_process_scrubber(previous)
+        scrub._command.set(None)
+        logger.removeHandler(handler)
+    out = buffer.getvalue()
+    assert "boom" in out and "[REDACTED]" in out
+    assert "cmd-secret-2" not in out and "proc-secret-1" not in out

@@ -120,7 +120,21 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
         "NOETL_INTERNAL_API_TOKEN",
         "—",
         "any string (secret)",
-        "When set, every control-plane request carries Authorization: Bearer <token>.",
+        "When set, every control-plane request carries Authorization: Bearer <token> — only ever to an allowed origin (below).",
+    ),
+    (
+        "Control plane",
+        "NOETL_SERVER_URL_ALLOWLIST",
+        "the origin of NOETL_SERVER_URL",
+        "comma-separated origins http(s)://host[:port] (no path)",
+        "Servers a notification's server_url may name. The origin of NOETL_SERVER_URL is always allowed. A notification naming any other origin (or a server_url that is not an http/https URL that parses) is terminated with a warning and counted in noetl_worker_server_url_rejected_total; no request goes there. List every server when several share one NATS stream — see [security.md](security.md).",
+    ),
+    (
+        "Control plane",
+        "NOETL_CLAIM_MAX_BYTES",
+        "67108864 (64 MiB)",
+        "integer 1024–2⁴⁰",
+        "Largest claim answer accepted. The body is read incrementally and abandoned past this size; such an answer (or one that is not UTF-8, not JSON, not an object, or nested deeper than 256 levels) is reported with command.failed and the message is terminated.",
     ),
     (
         "Control plane",
@@ -200,6 +214,20 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
         "Max deliveries of a consumer the worker creates.",
     ),
     (
+        "NATS JetStream",
+        "NATS_DELIVER_POLICY",
+        "by_start_time",
+        "by_start_time, new, all, last",
+        "Deliver policy of a consumer the worker creates. by_start_time starts NATS_DELIVER_WINDOW_SECONDS before the moment it is created, so a new durable next to a stream with hours of history does not replay every stale notification; all replays the whole stream. An existing consumer is never modified: this applies only when the worker creates it.",
+    ),
+    (
+        "NATS JetStream",
+        "NATS_DELIVER_WINDOW_SECONDS",
+        "300",
+        "seconds > 0",
+        "With by_start_time: how far back a newly created consumer starts. Commands published this recently before the first worker of a pool started are still run.",
+    ),
+    (
         "Snowflake event ids",
         "NOETL_SNOWFLAKE_NODE_ID",
         "—",
@@ -246,7 +274,7 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
         "NOETL_KEYCHAIN_ENV_VARS",
         "—",
         "comma-separated variable names",
-        "Allow-list of environment variables whose values tools may use as secrets by name. Values are never logged (names only, at start) and are scrubbed from results.",
+        "Allow-list of environment variables whose values tools may use as secrets by name: as a credential name (auth: {type: bearer, credential: NAME} in http), and as the variable of the same name in the environment of shell processes — the only variables of the worker a tool process gets besides PATH, LANG/LC_*, TZ and KUBERNETES_SERVICE_* (see docs/security.md). Values are never logged (names only, at start) and are scrubbed from every event, result, log line and error.",
     ),
     (
         "Credentials and results",

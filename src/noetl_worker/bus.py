@@ -4,7 +4,7 @@ nats-py is asyncio code; every call crosses the trio-asyncio bridge here (``aio_
 rest of the worker sees a small trio API and only ``BusError``. Must be used inside
 ``trio_asyncio.open_loop()`` (``service.serve`` opens it at the root).
 
-Pitfalls of nats-py handled here: an empty fetch raises a timeout instead of
+Pitfalls handled here (nats-py under trio-asyncio): an empty fetch raises a timeout instead of
 returning ``[]``; a fetch in flight during an outage only fails at its own timeout, so fetches are
 short and watched by a trio deadline; the connection is drained in a shielded scope.
 """
@@ -12,6 +12,7 @@ short and watched by a trio deadline; the connection is drained in a shielded sc
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,7 +30,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 
 from .config import Settings
 from .errors import BusError
-from .retry import NATS_RECONNECT_WAIT
+from .metrics import Metrics
+from .retry import NATS_RECONNECT_WAIT, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +88,16 @@ class Message:
         await _call(fn, *args)
 
 
+def deliver_start(s: Settings) -> tuple[DeliverPolicy, datetime.datetime | None]:
+    """Where a consumer the worker creates starts. By default ``NATS_DELIVER_WINDOW_SECONDS``
+    back from now: a new durable next to a stream with hours of history would otherwise claim
+    every stale notification in it, back to back (each a 409 ``already_terminal``)."""
+    if s.deliver_policy == "by_start_time":
+        now = datetime.datetime.now(datetime.UTC)
+        return DeliverPolicy.BY_START_TIME, now - datetime.timedelta(seconds=s.deliver_window)
+    return DeliverPolicy(s.deliver_policy), None
+
+
 @attrs.frozen
 class ConsumerLag:
     pending: int
@@ -102,6 +114,12 @@ class Bus:
     ack_wait: float = 30.0
     bound: bool = False
     closing: bool = False
+    metrics: Metrics | None = None
+    # Reconnect backoff (nats-py's own is a fixed 0.5 s with one error line per attempt).
+    _attempt: int = 0
+    _last_error: str = ""
+    reconnect_initial: float = 0.5
+    reconnect_cap: float = 15.0
 
     @property
     def needs_connect(self) -> bool:
@@ -117,15 +135,25 @@ class Bus:
         settings = self.settings
 
         async def error_cb(exc: Exception) -> None:
-            log.warning("nats error: %s: %s", type(exc).__name__, exc)
+            text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if self._nc is not None and self._nc.is_reconnecting:
+                # One line per reconnect step comes from reconnect_handler, naming this error.
+                self._last_error = text
+                return
+            log.warning("nats error: %s", text)
 
         async def disconnected_cb() -> None:
+            self._connected_gauge(0)
             if not self.closing:
                 log.warning("nats disconnected; reconnecting")
             self.on_state_change()
 
         async def reconnected_cb() -> None:
-            log.info("nats reconnected")
+            log.info("nats reconnected after %d attempt(s)", self._attempt)
+            self._attempt, self._last_error = 0, ""
+            if self.metrics is not None:
+                self.metrics.nats_reconnects.inc()
+            self._connected_gauge(1)
             self.on_state_change()
 
         options: dict[str, Any] = {
@@ -140,13 +168,37 @@ class Bus:
             "error_cb": error_cb,
             "disconnected_cb": disconnected_cb,
             "reconnected_cb": reconnected_cb,
+            "reconnect_to_server_handler": self.reconnect_handler,
         }
         if settings.nats.user:
             options["user"] = settings.nats.user
             options["password"] = settings.nats.password
         self._nc = await _call(nats.connect, **options)
         self._js = self._nc.jetstream(timeout=5)
+        self._connected_gauge(1)
         self.on_state_change()
+
+    def reconnect_handler(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        """nats-py asks before each reconnect attempt: which server, after how long. Capped
+        exponential backoff with jitter, one log line per step naming the next delay."""
+        self._attempt += 1
+        if self._attempt == 1:
+            delay = 0.0
+        else:
+            policy = RetryPolicy(initial=self.reconnect_initial, cap=self.reconnect_cap)
+            delay = policy.delay(self._attempt - 1)
+            log.warning(
+                "NATS unreachable (%s); reconnect attempt %d in %.1fs",
+                self._last_error or "connection lost",
+                self._attempt,
+                delay,
+            )
+        server = servers[(self._attempt - 1) % len(servers)] if servers else None
+        return server, delay
+
+    def _connected_gauge(self, value: int) -> None:
+        if self.metrics is not None:
+            self.metrics.nats_connected.set(value)
 
     @property
     def js(self) -> JetStreamContext:
@@ -182,17 +234,25 @@ class Bus:
             if not isinstance(exc.__cause__, nats.js.errors.NotFoundError):
                 raise
             filters = list(s.filter_subjects)
+            policy, start = deliver_start(s)
             config = ConsumerConfig(
                 durable_name=s.consumer,
                 ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
+                deliver_policy=policy,
+                opt_start_time=start,
                 ack_wait=s.ack_wait,
                 max_deliver=s.max_deliver,
                 filter_subject=filters[0] if len(filters) == 1 else None,
                 filter_subjects=filters if len(filters) > 1 else None,
                 max_ack_pending=max(1000, s.max_concurrent * 4),
             )
-            log.info("creating consumer %s on %s filtering %s", s.consumer, s.stream, filters)
+            log.info(
+                "creating consumer %s on %s filtering %s, delivering %s",
+                s.consumer,
+                s.stream,
+                filters,
+                f"from {start.isoformat()}" if start else s.deliver_policy,
+            )
             info = await _call(self.js.add_consumer, s.stream, config)
         if self._sub is not None:
             await self._unsubscribe()

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(settings, extra_noops=args.commands, postgres_dsn=args.postgres_dsn)
 
+    from .procs import become_subreaper
     from .service import run
 
+    become_subreaper()  # escaped tool processes come back to us, not to init
     return run(settings)

@@ -42,6 +42,9 @@ LOG_LEVEL_ALIASES: Final = {
 LOG_FORMATS: Final = ("auto", "json", "text")
 DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_PYTHON_MEMORY_LIMIT_MB: Final = 1024
+DELIVER_POLICIES: Final = ("by_start_time", "new", "all", "last")
+DEFAULT_DELIVER_WINDOW: Final = 300.0
+DEFAULT_CLAIM_MAX_BYTES: Final = 64 * 1024 * 1024
 SERVER_DIALECTS: Final = ("auto", "python", "rust")  # dialect.py; kept here to avoid an import cycle
 
 
@@ -98,6 +101,11 @@ class Settings:
     python_memory_limit_mb: int = DEFAULT_PYTHON_MEMORY_LIMIT_MB
     # Inputs shown by `noetl-worker config` that have no field of their own above.
     sources: tuple[tuple[str, str | None], ...] = ()
+    # Origins (scheme://host[:port]) a notification's server_url may name (see origins.py).
+    server_url_allowlist: frozenset[str] = frozenset()
+    deliver_policy: str = "by_start_time"  # of a consumer the worker creates
+    deliver_window: float = DEFAULT_DELIVER_WINDOW
+    claim_max_bytes: int = DEFAULT_CLAIM_MAX_BYTES
     server_dialect: str = "auto"  # auto | python | rust (see dialect.py)
 
     @classmethod
@@ -140,6 +148,10 @@ class Settings:
             "NOETL_PYTHON_MEMORY_LIMIT_MB": self.python_memory_limit_mb,
             # As given (None: unset); their effect shows in the values above.
             **dict(self.sources),
+            "NOETL_SERVER_URL_ALLOWLIST": ",".join(sorted(self.server_url_allowlist)),
+            "NATS_DELIVER_POLICY": self.deliver_policy,
+            "NATS_DELIVER_WINDOW_SECONDS": self.deliver_window,
+            "NOETL_CLAIM_MAX_BYTES": self.claim_max_bytes,
         }
 
 
@@ -224,6 +236,7 @@ def _load(env: Env) -> Settings:
     shown_as_given: tuple[str, ...] = ("RUST_LOG", "NOETL_SHARD_ID", "NOETL_SNOWFLAKE_NODE_ID_OFFSET")
     shown_as_given += ("NOETL_NODE_ID", "NODE_NAME", "NOETL_DATA_DIR")
     sources = tuple((name, env.raw(name)) for name in shown_as_given)
+    server_url = _server_url(env, "NOETL_SERVER_URL", "http://localhost:8082")
     return Settings(
         worker_id=worker_id,
         pool_name=pool_name,
@@ -231,7 +244,7 @@ def _load(env: Env) -> Settings:
         max_concurrent=env.integer("WORKER_MAX_CONCURRENT", 1, minimum=1, maximum=4096),
         metrics_bind=_bind(env, "WORKER_METRICS_BIND", "0.0.0.0:9090"),
         lag_poll_interval=env.seconds("WORKER_NATS_LAG_POLL_INTERVAL", 5.0),
-        server_url=_server_url(env, "NOETL_SERVER_URL", "http://localhost:8082"),
+        server_url=server_url,
         nats=_nats_auth(env),
         stream=_name(env, "NATS_STREAM", "noetl_commands"),
         consumer=_name(env, "NATS_CONSUMER", "worker-pool"),
@@ -262,8 +275,40 @@ def _load(env: Env) -> Settings:
             "NOETL_PYTHON_MEMORY_LIMIT_MB", DEFAULT_PYTHON_MEMORY_LIMIT_MB, minimum=0
         ),
         sources=sources,
+        server_url_allowlist=_allowlist(env, server_url),
+        deliver_policy=env.choice("NATS_DELIVER_POLICY", "by_start_time", DELIVER_POLICIES),
+        deliver_window=env.seconds("NATS_DELIVER_WINDOW_SECONDS", DEFAULT_DELIVER_WINDOW),
+        claim_max_bytes=env.integer(
+            "NOETL_CLAIM_MAX_BYTES", DEFAULT_CLAIM_MAX_BYTES, minimum=1024, maximum=2**40
+        ),
         server_dialect=env.choice("NOETL_SERVER_DIALECT", "auto", SERVER_DIALECTS),
     )
+
+
+def _allowlist(env: Env, server_url: str) -> frozenset[str]:
+    """Origins a notification's server_url may name; NOETL_SERVER_URL's origin is always one."""
+    from .origins import ServerURLError, origin_of
+
+    try:
+        origins = {origin_of(server_url)}
+    except ServerURLError as exc:
+        raise ConfigError(
+            "NOETL_SERVER_URL", server_url, f"an http(s) URL without credentials ({exc})"
+        ) from None
+    value = env.raw("NOETL_SERVER_URL_ALLOWLIST") or ""
+    accepted = "comma-separated http(s) origins (scheme://host[:port], no path), e.g. https://noetl:8082"
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        try:
+            origin = origin_of(item)
+        except ServerURLError as exc:
+            raise ConfigError("NOETL_SERVER_URL_ALLOWLIST", value, f"{accepted}; {item!r}: {exc}") from None
+        parts = urlsplit(item)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("NOETL_SERVER_URL_ALLOWLIST", value, f"{accepted}; {item!r} has a path")
+        origins.add(origin)
+    return frozenset(origins)
 
 
 def _bind(env: Env, name: str, default: str) -> Bind:

@@ -26,9 +26,11 @@ import trio
 from ._wire import BodyTooLarge, Wire, WireError
 from .config import Settings, normalize_server_url
 from .dialect import conflict_details  # the two servers' 409 bodies
-from .errors import HTTPStatusError, TransportError
+from .errors import ControlPlaneError, HTTPStatusError, TransportError
 from .events import Event
+from .jsonlimits import JSONLimitError, loads_bounded
 from .metrics import Metrics
+from .origins import ServerURLError, check_allowed
 
 # Re-exported: callers name the policies where they call the control plane.
 from .retry import CLAIM_RETRY as CLAIM_RETRY
@@ -76,10 +78,20 @@ class Claimed:
 
 @attrs.frozen
 class AlreadyClaimed:
-    """409: another worker holds it, or it is terminal / cancelled. Ack and skip."""
+    """409: another worker holds it, or it is terminal / cancelled."""
 
     code: str
     message: str
+    holder: str | None = None  # the worker holding the claim, when the server says
+    retry_after: float | None = None
+
+
+@attrs.frozen
+class InvalidAnswer:
+    """A 2xx claim answer that is not a command (not UTF-8 / JSON / an object, too deep, too
+    large). Redelivery would get the same answer: report command.failed and terminate."""
+
+    reason: str
 
 
 @attrs.frozen
@@ -105,7 +117,32 @@ class RetryLater:
     delay: float
 
 
-ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater
+ClaimOutcome = Claimed | AlreadyClaimed | NotFound | Rejected | RetryLater | InvalidAnswer
+
+CLAIM_MAX_DEPTH = 256  # deeper answers are refused before parsing (RecursionError otherwise)
+
+
+def parse_claim_answer(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The claim answer as a JSON object; raises JSONLimitError naming what is wrong."""
+    command = loads_bounded(body, max_bytes=max_bytes, max_depth=CLAIM_MAX_DEPTH, what="claim answer")
+    if not isinstance(command, dict):
+        raise JSONLimitError(f"claim answer is not a JSON object (got {type(command).__name__})")
+    return command
+
+
+def holder_of(body: bytes) -> str | None:
+    """The worker id a Python-server 409 names (``detail.worker_id``), if any."""
+    try:
+        payload = json.loads(body[:4096]) if body and len(body) <= 4096 else None
+    except (ValueError, RecursionError):
+        return None
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    holder = detail.get("worker_id") if isinstance(detail, dict) else None
+    return holder if isinstance(holder, str) and holder else None
+
+
+class ServerNotAllowed(ControlPlaneError):
+    """The URL's origin is not in NOETL_SERVER_URL_ALLOWLIST: no request was sent."""
 
 
 # ---- the client -----------------------------------------------------------------------------
@@ -120,6 +157,7 @@ class ControlPlane:
     wire: Wire = attrs.field(factory=Wire)
     # Servers that answered 404/405 to /api/events/batch: single events from then on.
     _no_batch: set[str] = attrs.field(factory=set)
+    _allowed_bases: set[str] = attrs.field(factory=set)
 
     @classmethod
     @asynccontextmanager
@@ -162,7 +200,7 @@ class ControlPlane:
         """One attempt. Raises TransportError (or ``BodyTooLarge`` past ``max_body`` bytes on
         the ``hot`` path); returns any HTTP status. ``hot`` requests (claim, events) take the
         lean keep-alive path; everything else goes through httpx."""
-        base = self.base(server_url)
+        base = self.checked_base(server_url)
         url = base + path
         content = raw if raw is not None else dumps(body) if body is not None else None
         try:
@@ -180,6 +218,19 @@ class ControlPlane:
         except httpx.HTTPError as exc:
             raise TransportError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         return Response(r.status_code, r.content, r.headers)
+
+    def checked_base(self, server_url: str | None) -> str:
+        """The base URL, refused (ServerNotAllowed) outside the allowlist. The intake already
+        terms such notifications; this keeps the token from going there by any other path."""
+        base = self.base(server_url)
+        if base not in self._allowed_bases:
+            try:
+                check_allowed(base, self.settings.server_url_allowlist)
+            except ServerURLError as exc:
+                raise ServerNotAllowed(f"{base}: {exc}") from None
+            if len(self._allowed_bases) < 1024:
+                self._allowed_bases.add(base)
+        return base
 
     async def call(
         self,
@@ -234,19 +285,27 @@ class ControlPlane:
         while True:
             attempt += 1
             try:
-                r = await self.request("POST", server_url, path, body=body, hot=True)
+                r = await self.request(
+                    "POST", server_url, path, body=body, hot=True, max_body=self.settings.claim_max_bytes
+                )
+            except BodyTooLarge as exc:
+                self.metrics.pulls.labels("failed").inc()
+                return InvalidAnswer(f"claim answer: {exc}")
             except TransportError as exc:
                 reason, retry_after = str(exc), None
             else:
                 if r.status in (200, 201):
-                    command = r.json()
-                    if not isinstance(command, dict):
-                        return Rejected(r.status, "claim answer is not a JSON object")
+                    try:
+                        command = parse_claim_answer(r.body, self.settings.claim_max_bytes)
+                    except JSONLimitError as exc:
+                        self.metrics.pulls.labels("failed").inc()
+                        return InvalidAnswer(str(exc))
                     self.metrics.pulls.labels("claimed").inc()
                     return Claimed(command)
                 if r.status == 409:
                     self.metrics.pulls.labels("already_claimed").inc()
-                    return AlreadyClaimed(*conflict_details(r.body))
+                    code, message = conflict_details(r.body)
+                    return AlreadyClaimed(code, message, holder_of(r.body), r.retry_after)
                 if r.status == 404:
                     self.metrics.pulls.labels("failed").inc()
                     return NotFound(r.body.decode(errors="replace")[:500])

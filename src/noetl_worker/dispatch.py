@@ -36,6 +36,7 @@ from .control_plane import (
     AlreadyClaimed,
     Claimed,
     ControlPlane,
+    InvalidAnswer,
     NotFound,
     Rejected,
     RetryLater,
@@ -83,6 +84,10 @@ class Hooks(Protocol):
 
     def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str: ...
 
+    def scrub_payload(self, payload: Any, ctx: ToolContext | None = None) -> Any:
+        """An event payload with the command's secrets (and secret-shaped values) replaced."""
+        ...
+
 
 @attrs.frozen
 class CaseEffect:
@@ -115,7 +120,7 @@ class Command:
         step = str(body.get("node_name") or body.get("node_id") or note.step)
         try:
             execution_id = int(body.get("execution_id", note.execution_id))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             execution_id = note.execution_id
         command_id = meta.get("command_id")
         if command_id is None or isinstance(command_id, bool):
@@ -124,7 +129,7 @@ class Command:
         attempts = meta.get("attempts", meta.get("attempt", 0))
         try:
             attempts = max(0, int(attempts))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             attempts = 0
         tool_config = context.get("tool_config")
         kind = body.get("action") or (tool_config.get("kind") if isinstance(tool_config, Mapping) else None)
@@ -146,7 +151,7 @@ class Command:
         if isinstance(cursor, Mapping):
             try:
                 return int(cursor.get("frame") or 0), int(cursor.get("row") or 0)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 pass
         return 0, 0
 
@@ -188,7 +193,7 @@ class Command:
                 continue
             try:
                 seconds = float(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 continue
             if seconds > 0 and math.isfinite(seconds):
                 return seconds
@@ -252,7 +257,9 @@ async def handle_message(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_progress, msg, rt)
             try:
-                outcome = await _claim_and_run(rt, note, token, received_at)
+                outcome = await _claim_and_run(
+                    rt, note, token, received_at, int(getattr(msg, "num_delivered", 1) or 1)
+                )
             finally:
                 nursery.cancel_scope.cancel()
     except Exception:
@@ -293,15 +300,29 @@ async def _progress(msg: Message, rt: Runtime) -> None:
 
 
 async def _claim_and_run(
-    rt: Runtime, note: Notification, token: object, received_at: float
+    rt: Runtime, note: Notification, token: object, received_at: float, delivered: int = 1
 ) -> tuple[str, float]:
     server_url = rt.plane.base(note.server_url)
     outcome = await rt.plane.claim(server_url, note.event_id)
     rt.metrics.pull_duration.observe(trio.current_time() - received_at)
     if isinstance(outcome, AlreadyClaimed):
-        log.info("already claimed (%s): %s; skipping", outcome.code, outcome.message)
-        rt.metrics.skipped.labels("already_claimed").inc()
-        return Settle.ACK, 0.0
+        settle, delay = held_claim_settle(outcome, delivered)
+        if settle == Settle.NAK:
+            log.info(
+                "claim held by %s (%s); asking again in %.0fs (delivery %d), so the command is "
+                "not lost if that worker went away",
+                outcome.holder or "another worker",
+                outcome.code,
+                delay,
+                delivered,
+            )
+            rt.metrics.skipped.labels("claim_held").inc()
+        else:
+            log.debug("already claimed (%s): %s; skipping", outcome.code, outcome.message)
+            rt.metrics.skipped.labels("already_claimed").inc()
+        return settle, delay
+    if isinstance(outcome, InvalidAnswer):
+        return await _claim_and_run_invalid(rt, note, server_url, outcome.reason)
     if isinstance(outcome, RetryLater):
         log.warning("claim must be retried later (%s); nak with %.1fs delay", outcome.reason, outcome.delay)
         return Settle.NAK, outcome.delay
@@ -319,7 +340,10 @@ async def _claim_and_run(
         # A command the server does not know will never be claimable: stop redelivering it.
         return (Settle.TERM if isinstance(outcome, NotFound) else Settle.ACK), 0.0
     assert isinstance(outcome, Claimed)
-    command = Command.from_claim(note, server_url, outcome.command)
+    try:
+        command = Command.from_claim(note, server_url, outcome.command)
+    except Exception as exc:  # an answer of the right shape with values no command has
+        return await _claim_and_run_invalid(rt, note, server_url, f"{type(exc).__name__}: {exc}")
     rt.metrics.concurrent.inc()
     start = trio.current_time()
     _outcome_counted.set(False)
@@ -327,11 +351,32 @@ async def _claim_and_run(
         return await run_command(rt, command, token)
     except BaseException as exc:
         if _is_cancellation(exc) and not _outcome_counted.get():
-            rt.metrics.command_finished(command.tool_kind, "cancelled")
+            rt.metrics.command_finished(rt.metrics.kind_label(command.tool_kind), "cancelled")
         raise
     finally:
         rt.metrics.concurrent.dec()
-        rt.metrics.dispatch_duration.labels(command.tool_kind).observe(trio.current_time() - start)
+        rt.metrics.dispatch_duration.labels(rt.metrics.kind_label(command.tool_kind)).observe(
+            trio.current_time() - start
+        )
+
+
+async def _claim_and_run_invalid(
+    rt: Runtime, note: Notification, server_url: str, reason: str
+) -> tuple[str, float]:
+    """A claim answer that is no command: report command.failed, and terminate the message —
+    the same answer would come back on every redelivery."""
+    reason = reason[:500]
+    log.error("claim answer refused: %s", reason)
+    events = EventFactory(
+        rt.ids.next_id, note.execution_id, note.step, note.command_id, rt.settings.worker_id
+    )
+    try:
+        await rt.plane.emit(
+            server_url, [events.failed(f"claim_failed: {reason}")], policy=RetryPolicy(attempts=2)
+        )
+    except ControlPlaneError as exc:
+        log.warning("could not report the refused claim answer: %s", exc)
+    return Settle.TERM, 0.0
 
 
 async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str, float]:
@@ -355,6 +400,8 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         server_url=command.server_url,
         variables=variables,
         render=partial(templating.render, variables=variables),
+        # One map for the whole command: the pipeline adds each secret it resolves, so the
+        # result, error and event paths below (which hold this ctx) all scrub them.
         secrets={},
         server=rt.plane.server_api(command.server_url),
         resources=rt.resources,
@@ -362,7 +409,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         attempts=command.attempts,
         release_slot=lambda: _released_slot(rt, token),
     )
-    kind = command.tool_kind
+    kind = rt.metrics.kind_label(command.tool_kind)  # a metric label: bounded values only
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender.send_after, COALESCE_WINDOW)
         if dialect.heartbeat_interval is not None:
@@ -378,7 +425,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error, extra={"tool_kind": kind, "status": "failed"})
         batch = [*sender.pending(), *dialect.exception_events(events, error, outcome.error_type)]
-        return await _report(rt, command, batch)
+        return await _report(rt, command, _scrubbed(rt, ctx, batch))
     return await _report_result(rt, command, ctx, dialect, events, sender, outcome)
 
 
@@ -413,7 +460,7 @@ async def _report_result(
         log.warning("command failed: %s", message, extra={"tool_kind": kind, "status": "failed"})
         batch = dialect.case_failed_events(events, reported, result, message, effect.events, effect.warnings)
         # Single posts, not a batch: the Python server's batch route acts on one event only.
-        return await _report(rt, command, [*pending, *batch], batch_ok=False)
+        return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]), batch_ok=False)
     _finished(rt, kind, result.status)
     if result.status != "success" or failed:
         error = rt.hooks.scrub_text(dialect.error_text(result), ctx)
@@ -430,7 +477,15 @@ async def _report_result(
         batch = dialect.tool_error_events(events, reported, result, error, effect.events, effect.warnings)
     else:
         batch = dialect.success_events(events, reported, result, effect.events, effect.warnings)
-    return await _report(rt, command, [*pending, *batch])
+    return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]))
+
+
+def _scrubbed(rt: Runtime, ctx: ToolContext, batch: list[Event]) -> list[Event]:
+    """Every terminal event scrubbed of the command's secrets, whichever path produced it."""
+    scrub = getattr(rt.hooks, "scrub_payload", None)
+    if scrub is None:
+        return batch
+    return [attrs.evolve(e, context=scrub(e.context, ctx)) for e in batch]
 
 
 @attrs.frozen
@@ -560,6 +615,29 @@ async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
         finally:
             with trio.CancelScope(shield=True):
                 await rt.slots.acquire_on_behalf_of(token)
+
+
+HELD_CLAIM_FIRST_DELAY = 2.0
+HELD_CLAIM_MAX_DELAY = 30.0
+# ~35 minutes of asking: past the Python server's claim lease (120 s) and its healthy-worker hard
+# timeout (1800 s), after which it hands a claim over; then the server's own reaper is the net.
+HELD_CLAIM_MAX_DELIVERIES = 75
+
+
+def held_claim_settle(outcome: AlreadyClaimed, delivered: int) -> tuple[str, float]:
+    """How to settle a notification whose claim got 409.
+
+    Terminal or cancelled: ack (stale notification; one request, no retry). Held by a live claim
+    (``active_claim``): nak with a growing delay rather than ack. The holder may be a worker that
+    was drained or killed mid-command — its claim is reclaimable once the server's lease has
+    passed — and an ack here would drop the last notification of that command.
+    """
+    if outcome.code != "active_claim" or delivered >= HELD_CLAIM_MAX_DELIVERIES:
+        return Settle.ACK, 0.0
+    # The retry policy's schedule without jitter: JetStream spaces the redeliveries itself.
+    backoff = RetryPolicy(initial=HELD_CLAIM_FIRST_DELAY, cap=HELD_CLAIM_MAX_DELAY).backoff(delivered)
+    delay = max(backoff, min(outcome.retry_after or 0.0, HELD_CLAIM_MAX_DELAY))
+    return Settle.NAK, min(delay, HELD_CLAIM_MAX_DELAY)
 
 
 def pool_mismatch(settings: Settings, note: Notification) -> bool:

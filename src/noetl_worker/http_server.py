@@ -15,7 +15,13 @@ from hypercorn.trio import serve
 from prometheus_client import make_asgi_app
 
 from .config import Bind
+from .errors import WorkerError
 from .metrics import Metrics
+
+
+class BindError(WorkerError):
+    """The metrics/probe address cannot be listened on (e.g. the port is already in use)."""
+
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -81,4 +87,33 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
-    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+    status = _Started(task_status)
+    try:
+        await serve(app, config, shutdown_trigger=shutdown.wait, task_status=status)  # type: ignore[arg-type]
+    except (OSError, BaseExceptionGroup) as exc:
+        if status.started_already:
+            raise
+        failed = exc.split(OSError)[0] if isinstance(exc, BaseExceptionGroup) else exc
+        if failed is None:
+            raise
+        first = _first_leaf(failed)
+        reason = first.strerror if isinstance(first, OSError) and first.strerror else str(first)
+        raise BindError(f"cannot listen on WORKER_METRICS_BIND={bind}: {reason}") from None
+
+
+class _Started:
+    """Passes hypercorn's ``started`` through, remembering that it happened."""
+
+    def __init__(self, inner: trio.TaskStatus[list[str]]) -> None:
+        self.inner = inner
+        self.started_already = False
+
+    def started(self, value: list[str]) -> None:
+        self.started_already = True
+        self.inner.started(value)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

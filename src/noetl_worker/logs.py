@@ -1,5 +1,9 @@
 """Logging: one JSON object per line (with execution_id, command_id, step, worker_id as fields),
-or readable plain lines when attached to a terminal."""
+or readable plain lines when attached to a terminal.
+
+Every record passes :class:`ScrubFilter` on the way out: its message, traceback, stack and
+extra fields are scrubbed of the worker's own secrets, the keychain values and — while a
+command runs — every secret that command resolved (``scrub.active``)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import datetime as dt
 import json
 import logging
 import sys
+import traceback
 from typing import Any
+
+from . import scrub
 
 # Per-command fields, set by dispatch for the duration of one command task (trio copies the
 # context into each task, so concurrent commands never see each other's fields).
@@ -27,6 +34,33 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+class ScrubFilter(logging.Filter):
+    """Scrubs a record in place (a handler filter: it sees records of every logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrubber = scrub.active()
+        record.msg = scrubber.scrub_text(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            text = record.exc_text or "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_text = scrubber.scrub_text(text)
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = scrubber.scrub_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrubber.scrub_text(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _RESERVED and not key.startswith("_"):
+                record.__dict__[key] = scrubber.scrub(value) if not isinstance(value, int) else value
+        return True
+
+
+def _exception(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    if record.exc_info:
+        return formatter.formatException(record.exc_info)
+    return record.exc_text or None
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -38,8 +72,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update(_fields(record))
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        exc = _exception(self, record)
+        if exc:
+            out["exc"] = exc
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
@@ -50,8 +85,9 @@ class TextFormatter(logging.Formatter):
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         ts = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         line = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f"  [{extra}]" if extra else "")
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        exc = _exception(self, record)
+        if exc:
+            line += "\n" + exc
         return line
 
 
@@ -63,6 +99,7 @@ def configure(level: str, fmt: str, worker_id: str, stream: Any = None) -> None:
     _STATIC["worker_id"] = worker_id
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ScrubFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

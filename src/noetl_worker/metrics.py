@@ -3,9 +3,22 @@ buckets — dashboards and alerts keep working) plus a few of our own, all in on
 
 from __future__ import annotations
 
+import platform
+
 import attrs
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
+
+from . import __version__
 
 # `_created` series double the exposition for nothing a dashboard uses; the Rust worker has none.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -134,6 +147,25 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("noetl_worker_ready", "1 when /readyz answers 200.", registry=r)
+        self.server_url_rejected = Counter(
+            "noetl_worker_server_url_rejected_total",
+            "Notifications terminated because their server_url names an origin not allowed.",
+            registry=r,
+        )
+        self.nats_connected = Gauge(
+            "noetl_worker_nats_connected", "1 while the NATS connection is up.", registry=r
+        )
+        self.nats_reconnects = Counter(
+            "noetl_worker_nats_reconnects_total",
+            "Times the NATS connection came back after being lost.",
+            registry=r,
+        )
+        self.build_info = Info("noetl_worker_build", "Version of this worker and its Python.", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        # process_* (RSS, fds, CPU, start time) and python_* like any Prometheus Python service.
+        ProcessCollector(registry=r)
+        r.register(PLATFORM_COLLECTOR)
+        r.register(GC_COLLECTOR)
         for outcome in PULL_OUTCOMES:
             self.pulls.labels(outcome)
 
@@ -142,6 +174,14 @@ class Metrics:
         self.commands.labels(tool_kind, status).inc()
         if status in ERROR_STATUSES:
             self.dispatch_errors.labels(tool_kind).inc()
+
+    @staticmethod
+    def kind_label(kind: str) -> str:
+        """The ``tool_kind`` label for a kind named by a claim answer (untrusted): a registered
+        kind, else ``unknown`` — label values, and so series, stay bounded."""
+        from . import tools
+
+        return kind if kind in tools.kinds() else "unknown"
 
     def put_ok(self, seconds: float, nbytes: int) -> None:
         self.put_duration.observe(seconds)

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from . import cases as case_rules
+from . import scrub
 from .config import Settings
 from .credentials import keychain_env_secrets, resolve_credentials, resolve_keychain_refs
 from .dispatch import CaseEffect, Command, rebuild_context
@@ -48,6 +49,12 @@ def _case_view(result: ToolResult) -> Any:
     return data
 
 
+def worker_scrubber(settings: Settings, keychain: Mapping[str, str], sealing: SealingKey) -> Scrubber:
+    """The worker's own secrets (NATS password, API token, sealing key) and the keychain values."""
+    own = [settings.nats.password or "", settings.internal_api_token or "", *keychain.values()]
+    return Scrubber.create(own, forms=scrub.bytes_forms(sealing.secret_bytes()))
+
+
 @attrs.define(eq=False)
 class Pipeline:
     settings: Settings
@@ -69,9 +76,10 @@ class Pipeline:
             ipc = IpcCache(
                 settings.ipc_cache_budget_bytes, node_id=settings.ipc_node_id, producer=settings.hostname
             )
-        return cls(
-            settings, metrics, keychain, Scrubber.create(keychain.values()), SealingKey.generate(), ipc
-        )
+        sealing = SealingKey.generate()
+        scrubber = worker_scrubber(settings, keychain, sealing)
+        scrub.set_process_scrubber(scrubber)
+        return cls(settings, metrics, keychain, scrubber, sealing, ipc)
 
     @property
     def public_key_b64(self) -> str:
@@ -87,13 +95,14 @@ class Pipeline:
         command = attrs.evolve(command, context=context)
         ctx = rebuild_context(command, ctx)
         config = command.tool_config()
-        # The command's own secrets mapping, filled in place: dispatch scrubs the result with the
-        # context it made, not the one returned here, so a new dict would go unseen.
+        # Secrets go into the command's own map (created by dispatch) as soon as they are known,
+        # so every later path — result, error message, log line — is scrubbed of them, even when
+        # a later step of the preparation fails.
         secrets = ctx.secrets if isinstance(ctx.secrets, dict) else dict(ctx.secrets)
         secrets.update(self.keychain)
         resolved = await self._credentials(command, ctx, config)
         config = resolved.config
-        secrets.update(resolved.secrets)
+        self._add_secrets(secrets, resolved.secrets)
         catalog_id = command.meta.get("catalog_id") or ctx.variables.get("catalog_id")
         config, used = await resolve_keychain_refs(
             config,
@@ -102,7 +111,7 @@ class Pipeline:
             execution_id=command.execution_id,
             attempts=command.attempts,
         )
-        secrets.update(used)
+        self._add_secrets(secrets, used)
 
         async def prepare_task(task: Mapping[str, Any]) -> dict[str, Any]:
             # A config a tool builds at run time (task sequence, workbook) gets the same
@@ -115,11 +124,14 @@ class Pipeline:
                 execution_id=command.execution_id,
                 attempts=command.attempts,
             )
-            secrets.update(resolved.secrets)
-            secrets.update(found)
+            self._add_secrets(secrets, {**resolved.secrets, **found})
             return dict(task_config)
 
         return config, attrs.evolve(ctx, secrets=secrets, prepare_task=prepare_task)
+
+    def _add_secrets(self, secrets: dict[str, str], found: Mapping[str, str]) -> None:
+        secrets.update(found)
+        scrub.set_command_scrubber(self._scrubber_for(secrets))
 
     async def _credentials(self, command: Command, ctx: ToolContext, config: dict[str, Any]) -> Any:
         for attempt in range(1, CREDENTIAL_RETRIES + 1):
@@ -143,9 +155,12 @@ class Pipeline:
                 await trio.sleep(CREDENTIAL_RETRY.delay(attempt))
         raise AssertionError("unreachable")
 
-    def _scrubber(self, ctx: ToolContext) -> Scrubber:
-        extra = [v for k, v in ctx.secrets.items() if k not in self.keychain]
+    def _scrubber_for(self, secrets: Mapping[str, str]) -> Scrubber:
+        extra = [v for k, v in secrets.items() if k not in self.keychain]
         return self.scrubber.with_secrets(extra) if extra else self.scrubber
+
+    def _scrubber(self, ctx: ToolContext) -> Scrubber:
+        return self._scrubber_for(ctx.secrets)
 
     async def call_done_result(
         self, command: Command, ctx: ToolContext, value: Any, status: str, *, stage_shared_memory: bool
@@ -182,9 +197,9 @@ class Pipeline:
             extra.append(events.step_exit(action.status, ctx.render(action.data)))
         elif isinstance(action, case_rules.SetVar):
             try:
-                await ctx.server.post_json(
-                    f"/api/vars/{command.execution_id}", {action.name: ctx.render(action.value)}
-                )
+                # Variables are stored by the server: scrubbed like a result.
+                value = self._scrubber(ctx).scrub({action.name: ctx.render(action.value)})
+                await ctx.server.post_json(f"/api/vars/{command.execution_id}", value)
             except ControlPlaneError as exc:
                 warnings += (f"set_var {action.name} failed: {exc}",)
                 log.warning("case set_var %s failed: %s", action.name, exc)
@@ -194,6 +209,9 @@ class Pipeline:
 
     def scrub_text(self, text: str, ctx: ToolContext | None = None) -> str:
         return (self._scrubber(ctx) if ctx is not None else self.scrubber).scrub_text(text)
+
+    def scrub_payload(self, payload: Any, ctx: ToolContext | None = None) -> Any:
+        return (self._scrubber(ctx) if ctx is not None else self.scrubber).scrub_payload(payload)
 
     async def maintain(self) -> None:
         """Unlink shared-memory results whose lease expired (and, once, leftovers of a crash)."""

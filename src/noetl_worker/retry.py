@@ -98,6 +98,6 @@ SERVER_CALL_RETRY: Final = RetryPolicy(attempts=3)
 CREDENTIAL_RETRY: Final = RetryPolicy(attempts=3, initial=1.0, cap=4.0)
 # The playbook tool's calls: retried until its own timeout (attempts unbounded there).
 PLAYBOOK_RETRY: Final = RetryPolicy(attempts=1_000_000, initial=0.5, cap=10.0, max_retry_after=10.0)
-# nats-py reconnects after a fixed per-server wait (it has no backoff hook, so no jitter there):
-# the policy's first step.
+# nats-py's fixed per-server wait between tries of one reconnect round (its reconnect hook in
+# bus.py takes each round's delay from a RetryPolicy): the policy's first step.
 NATS_RECONNECT_WAIT: Final = 0.5

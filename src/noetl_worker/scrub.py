@@ -15,26 +15,41 @@ Three rules, applied to a copy of a JSON tree:
    - inside longer text (stdout, logs, messages) only the offending part is replaced: an
      embedded PEM private-key block, an embedded JWT, or a vendor token (``sk-``, ``ghp_``,
      ``xoxb-``, ``AIza``, ``ya29.`` …) found at a word start — the rest of the text is kept.
-3. **Known secret values** (the values of credentials and keychain secrets this command used,
-   at least 4 characters long) are replaced wherever they appear verbatim: inside longer
-   strings and inside keys too.
+3. **Known secret values** (the worker's own secrets, the keychain values and every secret this
+   command resolved, at least 4 characters long) are replaced wherever they appear: verbatim,
+   base64 (standard and URL-safe, at any alignment inside a longer base64 text, as in a
+   ``Basic`` header), percent-encoded (``quote``/``quote_plus``, either hex case) and
+   JSON-escaped — inside longer strings and inside keys too.
+
+Where it applies: :meth:`Scrubber.scrub` (all rules) on tool results before they go inline, to
+the result store or to shared memory; :meth:`Scrubber.scrub_payload` (value rules and known
+secrets, no key rule) on every event payload the worker sends; :meth:`Scrubber.scrub_text` on
+error messages; and :func:`active` — the running command's scrubber, else the process one —
+in the log filter of ``logs.py``.
 
 Numbers, booleans and null are never altered (snowflake ids stay intact).
 """
 
 from __future__ import annotations
 
+import base64
+import contextvars
 import functools
 import itertools
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
+from urllib.parse import quote, quote_plus
 
 import attrs
 
 REDACTED: Final = "[REDACTED]"
 MIN_SECRET_LENGTH: Final = 4
 _MIN_VALUE_RULE_LENGTH: Final = 8
+# Encoded forms shorter than this are not searched for: a 4-character base64 fragment occurs in
+# ordinary text too often to be worth replacing.
+_MIN_ENCODED_LENGTH: Final = 6
 
 # Tokens (or two adjacent tokens joined) that make a key sensitive.
 SENSITIVE_TOKENS: Final = frozenset(
@@ -109,6 +124,41 @@ _VALUE_TRIGGERS: Final = r"eyJ|PRIVATE KEY-----|sk-|AIza|ya29\.|gh[psour]_|githu
 _HEADER_FIRST_CHARS: Final = frozenset("bB \t\r\n")
 
 
+def _base64_cores(raw: bytes) -> set[str]:
+    """The base64 characters that encode only ``raw``'s bits, at each of the 3 alignments.
+
+    A secret inside a longer base64 text (``user:secret`` in a Basic header) starts at some byte
+    offset; its encoding differs by offset mod 3. For each alignment, keep the characters whose
+    6 bits all come from the secret — they appear in every base64 text containing it there.
+    """
+    cores: set[str] = set()
+    n = len(raw)
+    for k in range(3):
+        first, end = -(-8 * k // 6), (8 * (k + n)) // 6
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            core = encode(b"\0" * k + raw).decode()[first:end]
+            if len(core) >= _MIN_ENCODED_LENGTH:
+                cores.add(core)
+    return cores
+
+
+def encoded_forms(secret: str) -> set[str]:
+    """The forms in which ``secret`` is searched for: verbatim and as commonly encoded."""
+    forms = {secret}
+    for encoded in (quote(secret, safe=""), quote(secret), quote_plus(secret, safe="")):
+        forms.add(encoded)
+        forms.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded))
+    forms.add(json.dumps(secret)[1:-1])
+    forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+    forms |= _base64_cores(secret.encode())
+    return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
+
+
+def bytes_forms(raw: bytes) -> set[str]:
+    """Key material held as bytes (the sealing key): its base64 and hex text forms."""
+    return {*_base64_cores(raw), raw.hex(), raw.hex().upper()}
+
+
 @attrs.frozen
 class Scrubber:
     """Scrubs JSON trees and text; build it with :meth:`create` from the command's secrets."""
@@ -118,8 +168,14 @@ class Scrubber:
     _trigger_re: re.Pattern[str] = attrs.field(repr=False, eq=False)
 
     @classmethod
-    def create(cls, secret_values: Iterable[str] = ()) -> Scrubber:
+    def create(cls, secret_values: Iterable[str] = (), *, forms: Iterable[str] = ()) -> Scrubber:
+        """``secret_values`` are searched for in every encoded form; ``forms`` as given."""
         values = {v for v in secret_values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH}
+        return _create(frozenset(set().union(*map(encoded_forms, values), forms)))
+
+    @classmethod
+    def _from_forms(cls, forms: frozenset[str]) -> Scrubber:
+        values = {v for v in forms if len(v) >= MIN_SECRET_LENGTH}
         # Longest first, so a secret containing a shorter one is replaced whole.
         ordered = tuple(sorted(values, key=lambda v: (-len(v), v)))
         alternatives = "|".join(re.escape(v) for v in ordered)
@@ -128,7 +184,7 @@ class Scrubber:
         return cls(ordered, pattern, trigger)
 
     def with_secrets(self, more: Iterable[str]) -> Scrubber:
-        return Scrubber.create((*self.secrets, *more))
+        return _create(frozenset(self.secrets).union(*map(encoded_forms, _long(more))))
 
     def scrub_text(self, text: str) -> str:
         """Free text (stdout, messages): known secrets, embedded PEM keys, JWTs, vendor tokens."""
@@ -153,7 +209,12 @@ class Scrubber:
     def scrub_key(self, key: str) -> str:
         return self._secret_re.sub(REDACTED, key) if self._secret_re is not None else key
 
-    def scrub(self, value: Any) -> Any:
+    def scrub_payload(self, value: Any) -> Any:
+        """An event payload: known secrets and the value rules in every string and key, but no
+        key rule — an event's own fields keep their meaning."""
+        return self.scrub(value, key_rule=False)
+
+    def scrub(self, value: Any, *, key_rule: bool = True) -> Any:
         """The scrubbed JSON tree (dicts, lists/tuples, strings, scalars).
 
         Sub-trees with nothing to scrub are shared with ``value``, not copied: a large clean
@@ -195,7 +256,7 @@ class Scrubber:
                 if type(key) is str:
                     seen = keys.get(key)
                     if seen is None:
-                        seen = keys[key] = (self.scrub_key(key), is_sensitive_key(key))
+                        seen = keys[key] = (self.scrub_key(key), key_rule and is_sensitive_key(key))
                     new_key, new = seen[0], REDACTED if seen[1] else walk(item)
                 else:
                     new_key, new = key, walk(item)
@@ -206,6 +267,38 @@ class Scrubber:
             return node if out is None else out  # type: ignore[return-value]
 
         return walk(value)
+
+
+def _long(values: Iterable[str]) -> list[str]:
+    return [v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_LENGTH]
+
+
+@functools.lru_cache(maxsize=256)  # commands of one playbook resolve the same secrets again
+def _create(forms: frozenset[str]) -> Scrubber:
+    return Scrubber._from_forms(forms)
+
+
+# --- which scrubber applies where -----------------------------------------------------------
+
+_process: Scrubber = Scrubber.create()
+# The running command's scrubber (its secrets included); set by the pipeline in the command's
+# task, so log lines written while that command runs are scrubbed of its secrets too.
+_command: contextvars.ContextVar[Scrubber | None] = contextvars.ContextVar("scrubber", default=None)
+
+
+def set_process_scrubber(scrubber: Scrubber) -> None:
+    """The worker's own secrets and the keychain values: applies to every log line."""
+    global _process
+    _process = scrubber
+
+
+def set_command_scrubber(scrubber: Scrubber) -> None:
+    _command.set(scrubber)
+
+
+def active() -> Scrubber:
+    """The scrubber for text produced here and now: the command's, else the process one."""
+    return _command.get() or _process
 
 
 # ---- large results: scrub the serialised bytes, not the tree ---------------------------------

@@ -64,6 +64,12 @@ class SealingKey:
     def public_key_b64(self) -> str:
         return base64.b64encode(_raw_public(self._private.public_key())).decode()
 
+    def secret_bytes(self) -> bytes:
+        """The raw private key: only for the scrubber, which must recognise it if it leaks."""
+        return self._private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
     def exchange(self, peer_public: bytes) -> bytes:
         return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
 

@@ -1,4 +1,4 @@
-"""The task tree (README.md, "The task tree"): startup and shutdown order.
+"""The task tree: startup and shutdown order.
 
     serve(settings)                 trio_asyncio loop at the root; signals
     └── root nursery
@@ -26,16 +26,17 @@ import attrs
 import trio
 import trio_asyncio
 
-from . import __version__
+from . import __version__, procs
 from .bus import Bus, Message, install_exception_handler
 from .config import Settings
 from .control_plane import ControlPlane
 from .dialect import HEALTH_PATH, PROBE_TIMEOUT, Dialects
 from .dispatch import Hooks, Runtime, handle_message, pool_mismatch
 from .errors import BusError, ControlPlaneError, HTTPStatusError, NotificationError
-from .http_server import make_app, serve_http
+from .http_server import BindError, make_app, serve_http
 from .metrics import Metrics
 from .notification import parse_notification
+from .origins import ServerURLError, check_allowed
 from .retry import Backoff
 from .snowflake import SnowflakeGenerator
 from .tools.base import ToolResources
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 5.0  # long poll when idle; short so outages are noticed and the loop re-checks
 BURST_TIMEOUT = 0.005  # a sweep for messages known to be waiting (others may take them first)
 MAX_BURST = 64
+# /readyz turns 503 when the intake loop has not gone round for this long. It goes round at least
+# every FETCH_TIMEOUT (plus the fetch watchdog) when idle, and while every slot is busy with a
+# running command it counts as alive; only a stuck loop or slots held by nothing trips it.
+INTAKE_STALL_BOUND = 60.0
+SLOT_WAIT_TICK = 5.0
 
 
 @attrs.define(eq=False)
@@ -61,6 +67,11 @@ class WorkerState:
     stop: trio.Event = attrs.field(factory=trio.Event)
     started: trio.Event = attrs.field(factory=trio.Event)
     ready: trio.Event = attrs.field(factory=trio.Event)  # set the first time /readyz turns 200
+    intake_beat: float | None = None  # trio time the intake last went round its loop
+    intake_stall_bound: float = INTAKE_STALL_BOUND
+
+    def intake_alive(self) -> None:
+        self.intake_beat = trio.current_time()
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining or self.stop.is_set():
@@ -73,6 +84,8 @@ class WorkerState:
             return False, "not registered with the server"
         if trio.current_time() - self.last_heartbeat > max(3 * self.heartbeat_interval, 30.0):
             return False, "no heartbeat accepted recently"
+        if self.intake_beat is not None and trio.current_time() - self.intake_beat > self.intake_stall_bound:
+            return False, f"intake has not run for over {self.intake_stall_bound:g}s"
         return True, "ready"
 
 
@@ -119,7 +132,7 @@ async def serve(
         if bus is None:
             loop = await stack.enter_async_context(trio_asyncio.open_loop())
             install_exception_handler(loop)
-            bus = Bus(settings, on_state_change=lambda: _update_ready(state, metrics))
+            bus = Bus(settings, on_state_change=lambda: _update_ready(state, metrics), metrics=metrics)
         if plane is None:
             plane = await stack.enter_async_context(ControlPlane.open(settings, metrics))
         state.bus = bus
@@ -199,6 +212,9 @@ async def _run_tree(
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
+            procs.launcher()  # started now, so the first shell step does not wait for it
+            if procs.is_reaper():  # PID 1 or a subreaper: adopted orphans' zombies are ours
+                background.start_soon(supervise, "reaper", procs.reap_adopted, metrics)
             maintain = getattr(rt.hooks, "maintain", None)
             if maintain is not None:
                 background.start_soon(supervise, "maintenance", maintain, metrics)
@@ -306,6 +322,7 @@ async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerS
     """Connect and bind (retrying with backoff), then fetch and start commands."""
     backoff = Backoff(0.25, 10.0)
     while True:
+        state.intake_alive()
         try:
             if bus.needs_connect:
                 await bus.connect()
@@ -321,7 +338,7 @@ async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerS
                     bus.ack_wait,
                 )
             backoff.reset()
-            await _fetch_loop(rt, bus, execution)
+            await _fetch_loop(rt, bus, execution, state)
         except BusError as exc:
             delay = backoff.next()
             log.warning("NATS: %s; retrying in %.1fs", exc, delay)
@@ -329,13 +346,28 @@ async def _intake(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerS
             await trio.sleep(delay)
 
 
-async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery) -> None:
+async def _take_slot(rt: Runtime, state: WorkerState, token: object) -> None:
+    """Wait for a free execution slot. While every taken slot belongs to a running command the
+    wait is healthy back-pressure and the intake counts as alive; slots held by nothing (a leak)
+    let /readyz turn not-ready instead of hiding behind it."""
+    while True:
+        with trio.move_on_after(SLOT_WAIT_TICK):
+            await rt.slots.acquire_on_behalf_of(token)
+            return
+        if rt.slots.borrowed_tokens <= len(rt.running):
+            state.intake_alive()
+
+
+async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerState) -> None:
     # Idle: a long poll for one message. When the last message said more are waiting behind it,
     # sweep them up (as many as can start, never more than are pending) without a long wait.
+    # Slot tokens in ``tokens`` belong to this loop and are given back in ``finally``; a token
+    # passes to a command task only once ``_start`` has started it.
     pending = 0
     while bus.bound:
+        state.intake_alive()
         first = object()
-        await rt.slots.acquire_on_behalf_of(first)
+        await _take_slot(rt, state, first)
         tokens = [first]
         messages: list[Message] = []
         try:
@@ -345,15 +377,21 @@ async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery) -> None:
             else:
                 messages = await bus.fetch(1, timeout=FETCH_TIMEOUT)
             received_at = trio.current_time()
+            state.intake_alive()
             # Unknown (a fake bus) counts as "maybe more": one short sweep tells.
-            pending = getattr(messages[-1], "num_pending", 1) if messages else 0
+            pending = _pending_after(messages)
             while messages:
                 msg = messages[0]
-                token = tokens.pop() if tokens else None
-                if token is None:
+                if not tokens:
                     token = object()
-                    await rt.slots.acquire_on_behalf_of(token)
-                started = await _start(rt, msg, token, execution, received_at)
+                    await _take_slot(rt, state, token)
+                    tokens.append(token)
+                token = tokens.pop()
+                try:
+                    started = await _start(rt, msg, token, execution, received_at)
+                except BaseException:
+                    tokens.append(token)
+                    raise
                 messages.pop(0)
                 if not started:
                     tokens.append(token)
@@ -364,16 +402,50 @@ async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery) -> None:
                 # Fetched but not started (intake stopping, or an error): let another worker have them.
                 with trio.CancelScope(shield=True):
                     for msg in messages:
-                        try:
-                            await msg.nak()
-                        except BusError:
-                            pass
+                        await _settle_quietly(msg, "nak")
+
+
+def _pending_after(messages: list[Message]) -> int:
+    if not messages:
+        return 0
+    pending = getattr(messages[-1], "num_pending", 1)
+    return pending if isinstance(pending, int) and pending >= 0 else 1
+
+
+async def _settle_quietly(msg: Message, how: str) -> None:
+    """ack/nak/term that never raises: the message's fate is then JetStream's redelivery."""
+    try:
+        with trio.move_on_after(10):
+            await getattr(msg, how)()
+    except Exception as exc:
+        log.debug("could not %s a message: %s: %s", how, type(exc).__name__, exc)
 
 
 async def _start(
     rt: Runtime, msg: Message, token: object, execution: trio.Nursery, received_at: float
 ) -> bool:
-    """Start a command task for ``msg`` (it then owns ``token``); False when settled here."""
+    """Start a command task for ``msg`` (it then owns ``token``); False when settled here.
+
+    Never raises (but cancellation): whatever goes wrong while looking at one message terms that
+    message and leaves the intake running — one bad message must not stop the worker.
+    """
+    try:
+        return await _admit(rt, msg, token, execution, received_at)
+    except Exception as exc:
+        rt.metrics.poison.inc()
+        log.warning(
+            "terminating a message on %s that could not be started: %s: %s",
+            getattr(msg, "subject", "?"),
+            type(exc).__name__,
+            str(exc)[:300],
+        )
+        await _settle_quietly(msg, "term")
+        return False
+
+
+async def _admit(
+    rt: Runtime, msg: Message, token: object, execution: trio.Nursery, received_at: float
+) -> bool:
     try:
         note = parse_notification(msg.data)
     except NotificationError as exc:
@@ -385,7 +457,19 @@ async def _start(
             exc,
             msg.data[:300],
         )
-        await msg.term()
+        await _settle_quietly(msg, "term")
+        return False
+    fields = {"execution_id": note.execution_id, "command_id": note.command_id}
+    try:
+        check_allowed(note.server_url or rt.settings.server_url, rt.settings.server_url_allowlist)
+    except ServerURLError as exc:
+        rt.metrics.server_url_rejected.inc()
+        log.warning(
+            "terminating a notification whose server_url is refused (%s); no request goes there",
+            exc,
+            extra=fields,
+        )
+        await _settle_quietly(msg, "term")
         return False
     if pool_mismatch(rt.settings, note):
         rt.metrics.skipped.labels("other_pool").inc()
@@ -393,30 +477,49 @@ async def _start(
             "skipping a command for pool %s (this worker serves %s)",
             note.execution_pool,
             rt.settings.pool_segment,
-            extra={"execution_id": note.execution_id, "command_id": note.command_id},
+            extra=fields,
         )
-        await msg.ack()
+        await _settle_quietly(msg, "ack")
         return False
     if note.event_id in rt.running:
         rt.metrics.skipped.labels("duplicate").inc()
         log.info(
             "second delivery of a command already running here; acked without running it again",
-            extra={"execution_id": note.execution_id, "command_id": note.command_id},
+            extra=fields,
         )
-        await msg.ack()
+        await _settle_quietly(msg, "ack")
         return False
-    rt.running.add(note.event_id)
 
     async def task() -> None:
         try:
             await handle_message(rt, msg, note, token, received_at)
+        except Exception:
+            # handle_message settles on every path it knows; this keeps a bug in it from
+            # taking the execution nursery (and so the whole worker) down.
+            log.exception("command task failed; JetStream redelivers the message after ack_wait")
         finally:
             rt.running.discard(note.event_id)
             rt.slots.release_on_behalf_of(token)
 
+    # No await between these two lines: the task owns the token from here on.
+    rt.running.add(note.event_id)
     execution.start_soon(task)
     return True
 
 
 def run(settings: Settings, **kwargs: Any) -> int:
-    return trio.run(lambda: serve(settings, **kwargs))
+    """Run the worker; exit code 2 (one line, no traceback) when the metrics port is taken."""
+    try:
+        return trio.run(lambda: serve(settings, **kwargs))
+    except BaseExceptionGroup as group:
+        bind_errors = group.split(BindError)[0]
+        if bind_errors is None:
+            raise
+        error = bind_errors.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        log.error("%s", error)
+        return 2
+    except BindError as exc:
+        log.error("%s", exc)
+        return 2

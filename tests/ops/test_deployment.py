@@ -339,6 +339,10 @@ SAMPLES = {
     "NOETL_IPC_CACHE_BUDGET_BYTES": "16777216",
     "NOETL_PYTHON_MEMORY_LIMIT_MB": "64",
     "NOETL_DATA_DIR": "/var/lib/noetl",
+    "NOETL_SERVER_URL_ALLOWLIST": "https://noetl-a.example,http://noetl-b.example:8082",
+    "NOETL_CLAIM_MAX_BYTES": "1048576",
+    "NATS_DELIVER_POLICY": "new",
+    "NATS_DELIVER_WINDOW_SECONDS": "10m",
 }
 
 

@@ -1,28 +1,32 @@
 """``shell``: run a command or a list of commands with a shell, one after another.
 
 Config: ``cmds`` | ``cmd`` | ``command`` | ``commands`` (a string or a list of strings; first
-present wins), ``shell`` (default ``sh``), ``cwd``, ``env`` (added to the worker's environment),
-``timeout``/``timeout_seconds`` (applied by dispatch as the command deadline; the process group
-is killed when it expires).
+present wins), ``shell`` (default ``sh``), ``cwd``, ``env`` (the step's variables),
+``timeout``/``timeout_seconds`` (applied by dispatch as the command deadline).
 
 Result ``data`` (as noetl's Python worker stores it): ``{returncode, stdout, stderr, commands,
 duration_ms}`` — ``returncode`` of the last command run, ``stdout``/``stderr`` the non-empty
 outputs joined by newlines, ``commands`` one ``{cmd_preview, returncode, stdout, stderr,
 duration_ms}`` per command run. The first non-zero exit stops the list and gives status
 ``error`` with the same data. (``exit_code``, the Rust worker's field, is on the ToolResult.)
+
+Process handling is ``procs``' (see there): each command runs in a clean environment (``PATH``,
+``LANG``/``LC_*``, a scratch ``HOME``/``TMPDIR`` removed after the step, the keychain-allowlisted
+values by name, the step's ``env``), as the head of a contained tree that is killed as soon as
+the command exits, times out or is cancelled; each stream keeps ``MAX_OUTPUT`` bytes and reports
+how many more it dropped.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import trio
 
+from .. import procs
 from ..errors import ToolConfigError
 from .base import ToolContext, ToolResult
 
@@ -49,44 +53,16 @@ def _commands(config: Mapping[str, Any]) -> list[str]:
     )
 
 
-def _env(config: Mapping[str, Any]) -> dict[str, str]:
-    env = dict(os.environ)
+def _declared_env(config: Mapping[str, Any]) -> dict[str, str]:
     extra = config.get("env") or {}
     if not isinstance(extra, Mapping):
         raise ToolConfigError("shell", "env", "accepted: a mapping of variable names to values")
-    for key, value in extra.items():
-        env[str(key)] = "" if value is None else str(value)
-    return env
-
-
-def _decode(data: bytes) -> str:
-    text = data[:MAX_OUTPUT].decode(errors="replace")
-    return text + ("\n[output truncated]" if len(data) > MAX_OUTPUT else "")
+    return {str(key): "" if value is None else str(value) for key, value in extra.items()}
 
 
 async def _run_one(argv: list[str], cwd: str | None, env: dict[str, str]) -> tuple[int, str, str]:
-    def kill_group(process: trio.Process) -> None:
-        # The shell may have started children: kill the whole process group, not just sh.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    async def deliver_cancel(process: trio.Process) -> None:
-        kill_group(process)
-
-    completed = await trio.run_process(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        start_new_session=True,
-        deliver_cancel=deliver_cancel,
-    )
-    return completed.returncode, _decode(completed.stdout), _decode(completed.stderr)
+    completed = await procs.run_contained(argv, env=env, cwd=cwd, max_output=MAX_OUTPUT)
+    return completed.returncode, completed.stdout.text(), completed.stderr.text()
 
 
 async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
@@ -97,18 +73,20 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     cwd = config.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not await trio.Path(cwd).is_dir()):
         raise ToolConfigError("shell", "cwd", f"accepted: an existing directory, got {cwd!r}")
-    env = _env(ctx.render(dict(config)) if config.get("env") else config)
+    declared = _declared_env(ctx.render(dict(config)) if config.get("env") else config)
+    keychain = procs.allowlisted(ctx.settings.keychain_env_vars, ctx.secrets)
     outputs: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
+    async with procs.open_scratch(f"shell-{ctx.step}") as scratch:
+        env = procs.tool_environment(declared, scratch=scratch, keychain=keychain)
+        if shutil.which(shell, path=env["PATH"]) is None:
+            raise ToolConfigError("shell", "shell", f"interpreter {shell!r} not found")
         for command in commands:
             began = time.monotonic()
             code, out, err = await _run_one([shell, "-c", str(command)], cwd, env)
             outputs.append(_command_entry(str(command), code, out, err, time.monotonic() - began))
             if code != 0:
                 break
-    except FileNotFoundError:
-        raise ToolConfigError("shell", "shell", f"interpreter {shell!r} not found") from None
     return _result(outputs, time.monotonic() - started)
 
 
