@@ -11,7 +11,8 @@ No cluster, helm binary or docker engine is needed:
 * the Dockerfile with ``hadolint`` and a contract check, the YAML with ``yamllint``;
 * the kind overlay with ``kubectl kustomize`` when kubectl exists (reported as
   skipped otherwise) plus a drift check of its committed base against the chart;
-* the Grafana dashboard's queries against the worker's metric inventory.
+* the Grafana dashboard's queries against the worker's metric inventory, and parsed by
+  Prometheus' own parser (``promtool check rules``; Debian's ``prometheus`` package).
 
 Usage (from the repository root, with the dev venv)::
 
@@ -77,7 +78,7 @@ NATS_JETSTREAM_KEYS = frozenset(
 )
 NATS_JETSTREAM_REQUIRED = ("natsServerMonitoringEndpoint", "account", "stream", "consumer")
 
-# The command worker's metric families (upstream-rust-worker.md §7.2).
+# The Rust worker's command-worker metric families (same names: its dashboards keep working).
 WORKER_METRICS = frozenset(
     {
         "noetl_worker_pulls_total",
@@ -96,6 +97,14 @@ WORKER_METRICS = frozenset(
     }
 )
 HISTOGRAMS = frozenset(m for m in WORKER_METRICS if m.endswith("_seconds"))
+METRICS_DOC = ROOT / "docs" / "metrics.md"
+
+
+def documented_metrics(path: Path = METRICS_DOC) -> dict[str, str]:
+    """Metric name → type, from docs/metrics.md's inventory table (ours and the Rust worker's)."""
+    found = re.findall(r"^\| `(noetl_[a-z0-9_]+)` \| ([a-z]+)", path.read_text(), flags=re.MULTILINE)
+    return dict(found)
+
 
 Doc = dict[str, Any]
 
@@ -470,9 +479,16 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE) -> list[str]:
         problems.append("not multi-stage: expected a build stage and a runtime stage")
     if "python:3.12-slim" not in args + " ".join(froms):
         problems.append("the base image is not python:3.12-slim")
+    if not re.search(r"python:3\.12-slim@sha256:[0-9a-f]{64}\b", args + " ".join(froms)):
+        problems.append("the base image is not pinned by digest (python:3.12-slim@sha256:<64 hex>)")
     runs = " ".join(by_name.get("RUN", []))
     if "pip wheel --no-deps" not in runs:
         problems.append("stage 1 does not build the wheel with `pip wheel --no-deps`")
+    locked = re.search(r"pip install --require-hashes [^&]*-r \S*runtime\.txt", runs)
+    if not locked or "requirements/runtime.txt" not in runs:
+        problems.append("the runtime stage does not install requirements/runtime.txt with --require-hashes")
+    if not re.search(r"pip install --no-deps /wheels/", runs):
+        problems.append("the project wheel is not installed with --no-deps (dependencies come from the lock)")
     _expect(problems, "USER", by_name.get("USER", [""])[-1].split(":")[0], "10001")
     entry = by_name.get("ENTRYPOINT", [""])[-1]
     try:
@@ -639,7 +655,11 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
         sorted(d["metadata"]["name"] for d in workloads),
         sorted(release_name(p) for p in POOLS),
     )
+    namespaces = [d["metadata"]["name"] for d in find(docs, "Namespace")]
+    _expect(problems, "overlay Namespace objects", namespaces, [NAMESPACE])
     for doc in docs:
+        if doc["kind"] == "Namespace":
+            continue
         _expect(problems, f"{doc['kind']} namespace", doc["metadata"].get("namespace"), NAMESPACE)
     for wl in workloads:
         name = wl["metadata"]["name"]
@@ -655,8 +675,10 @@ def check_kind_overlay(docs: list[Doc]) -> list[str]:
 
 
 def kind_overlay_files() -> list[Doc]:
+    """The overlay's own resources: its Namespace and the base rendered from the chart."""
     yaml = _yaml()
-    return [d for p in sorted(KIND_BASE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    paths = [KIND / "namespace.yaml", *sorted(KIND_BASE.glob("*.yaml"))]
+    return [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
 
 
 # ------------------------------------------------------------ configuration
@@ -703,6 +725,9 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
     queries = dashboard_queries(path)
     if not queries:
         return ["no panel has a query"]
+    documented = documented_metrics()
+    known = WORKER_METRICS | set(documented)
+    histograms = HISTOGRAMS | {m for m, kind in documented.items() if kind == "histogram"}
     for title, exprs in queries.items():
         for expr in exprs:
             depth = 0
@@ -714,7 +739,7 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
                 problems.append(f"{title}: unbalanced brackets in {expr}")
             for name in re.findall(r"\bnoetl_[a-z0-9_]+", expr):
                 base = re.sub(r"_(bucket|sum|count)$", "", name)
-                if name not in WORKER_METRICS and not (base in HISTOGRAMS and base != name):
+                if name not in known and not (base in histograms and base != name):
                     problems.append(f"{title}: unknown metric {name}")
     joined = "\n".join(e for exprs in queries.values() for e in exprs)
     required = {
@@ -726,11 +751,66 @@ def check_dashboard(path: Path = DASHBOARD) -> list[str]:
         "consumer pending": r"noetl_worker_nats_consumer_pending",
         "consumer ack pending": r"noetl_worker_nats_consumer_ack_pending",
         "in-flight": r"noetl_worker_concurrent_dispatches",
+        "commands by status": r"sum by \(status\) \(rate\(noetl_worker_commands_total",
+        "saturation (configured concurrency)": r"noetl_worker_concurrency_limit",
+        "readiness": r"noetl_worker_ready",
+        "task restarts": r"noetl_worker_task_restarts_total",
+        "poison messages": r"noetl_worker_poison_messages_total",
+        "emit retries": r"noetl_worker_event_emit_retries_total",
     }
     for what, pattern in required.items():
         if not re.search(pattern, joined):
             problems.append(f"no panel shows {what} ({pattern})")
+    # $pool must not depend on a relabeled target label: it reads what the worker exports.
+    variables = {t.get("name"): t for t in (board.get("templating") or {}).get("list", [])}
+    pool_query = json.dumps((variables.get("pool") or {}).get("query"))
+    if "noetl_worker_concurrency_limit" not in pool_query or "worker_pool" not in pool_query:
+        problems.append("$pool does not read worker_pool from noetl_worker_concurrency_limit")
+    for title, exprs in queries.items():
+        for expr in exprs:
+            if "$pool" in expr and 'worker_pool=~"$pool"' not in expr:
+                problems.append(f"{title}: selects $pool by a label the worker does not export")
     return problems
+
+
+# Grafana's variables, replaced by what "All" and a 1-minute step would give.
+GRAFANA_SUBSTITUTIONS = {"$__rate_interval": "1m", "$namespace": ".*", "$pool": ".*"}
+
+
+def promql(expr: str) -> str:
+    """A dashboard expression as plain PromQL (Grafana variables substituted)."""
+    for variable, value in GRAFANA_SUBSTITUTIONS.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def promtool_check(path: Path = DASHBOARD) -> list[str]:
+    """Parse every dashboard query with Prometheus' own parser: `promtool check rules` on a rules
+    file holding one recording rule per query."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        raise ToolMissing("promtool not found; install it with `apt-get install prometheus` (Debian)")
+    yaml = _yaml()
+    rules = [
+        {"record": f"dashboard:panel{i}:query{j}", "expr": promql(expr)}
+        for i, exprs in enumerate(dashboard_queries(path).values())
+        for j, expr in enumerate(exprs)
+    ]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_file = Path(tmp) / "dashboard-rules.yaml"
+        rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        run = subprocess.run(
+            [promtool, "check", "rules", str(rules_file)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    if run.returncode:
+        return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    return []
 
 
 # --------------------------------------------------------------------- main
@@ -740,19 +820,21 @@ def _all_renders() -> Iterator[tuple[str, str, list[Doc]]]:
     for kind in WORKLOAD_KINDS:
         for pool in POOLS:
             extra = {
-                "podMonitor": {"enabled": True},
                 "podDisruptionBudget": {"enabled": True},
-                "service": {"enabled": True},
-                "serviceMonitor": {"enabled": True},
                 "serviceAccount": {"create": True},
                 "shm": {"enabled": True},
             }
             yield kind, pool, render(pool_values(pool, kind), release=release_name(pool))
-            yield (
-                kind,
-                f"{pool}+optional",
-                render(pool_values(pool, kind, **extra), release=release_name(pool)),
-            )
+            # One monitor at a time: both together would scrape every pod twice.
+            for label, monitor in (
+                ("podmonitor", {"podMonitor": {"enabled": True}}),
+                ("servicemonitor", {"service": {"enabled": True}, "serviceMonitor": {"enabled": True}}),
+            ):
+                yield (
+                    kind,
+                    f"{pool}+optional+{label}",
+                    render(pool_values(pool, kind, **extra, **monitor), release=release_name(pool)),
+                )
 
 
 def run_checks() -> int:
@@ -808,6 +890,7 @@ def run_checks() -> int:
                 lambda: check_kind_overlay(overlay) + validate_kubernetes(overlay, KUBE_VERSIONS[-1]),
             )
     guarded("grafana dashboard", check_dashboard)
+    guarded("grafana dashboard queries (promtool check rules)", promtool_check)
     print(f"{'FAILED' if failed else 'OK'}: {failed} check(s) failed")
     return 1 if failed else 0
 

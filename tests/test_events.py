@@ -1,8 +1,8 @@
 """Every event the worker builds is accepted by both servers' rules.
 
-Python server (upstream-python-broker.md §2.6): `name`/`payload` (or the EE aliases), no top-level
+Python server: `name`/`payload` (or the EE aliases), no top-level
 `_internal_data`, `payload.result` only status/reference/context/command_id with object values.
-Rust server (upstream-rust-worker.md §3.4): all nine ExecutorEvent fields with their types, no nulls.
+Rust server: all nine ExecutorEvent fields with their types, no nulls.
 """
 
 from __future__ import annotations

@@ -128,3 +128,37 @@ async def test_steps_of_one_execution_share_the_data_dir_database(
     with trio.fail_after(20):
         alone = await duckdb_tool.run({"query": "SELECT count(*) FROM shared"}, make_ctx())
     assert alone.status == "error"  # without the data dir each step has its own memory database
+
+
+async def test_scripts_are_split_by_duckdbs_own_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A valid script never reaches the hand-written splitter: DuckDB's extract_statements cuts it.
+    from noetl_worker.tools import _sql
+
+    def refuse(script: str) -> list[str]:
+        raise AssertionError("the hand-written splitter was used for a valid DuckDB script")
+
+    monkeypatch.setattr(_sql, "split_statements", refuse)
+    result = await _run(
+        query=[
+            "CREATE MACRO twice(x) AS x * 2; /* a ; in a /* nested */ comment */ "
+            "SELECT twice(21) AS v, 'it''s; fine' AS s, $tag$ a;b $tag$ AS d;",
+            "PRAGMA version; SELECT [1, 2] AS l, {'k': 'v;w'} AS st",
+        ]
+    )
+    assert result.status == "success", result.error
+    assert result.data["executed_commands"] == 4
+    assert result.data["command_2_sample"] == [[42, "it's; fine", " a;b "]]
+    assert result.data["command_4_sample"] == [[[1, 2], {"k": "v;w"}]]
+
+
+async def test_a_statement_that_does_not_parse_is_named() -> None:
+    result = await _run(query="SELECT 1; SELECT 2; SELEC oops; SELECT 4")
+    assert result.status == "error"
+    assert result.data["errors"][0]["statement_index"] == 2
+    assert "ParserException" in result.data["message"]
+    assert "statement 3 of 4" in (result.error or "")
+
+
+async def test_a_script_of_only_comments_holds_no_statement() -> None:
+    with pytest.raises(ToolConfigError, match="holds no SQL statement"):
+        await _run(query="-- nothing here\n/* nor here */")

@@ -203,7 +203,8 @@ async def test_concurrency_is_bounded_by_worker_max_concurrent(autojump_clock: t
 
 
 async def test_waiting_tool_gives_its_slot_back(autojump_clock: trio.abc.Clock) -> None:
-    """A parent step waiting on a child must not deadlock a single-slot worker (DESIGN §4.10)."""
+    """A parent step waiting on a child must not deadlock a single-slot worker ("waiting is not
+    working", docs/architecture.md)."""
     child_done = trio.Event()
 
     async def parent(config: Any, ctx: ToolContext) -> ToolResult:

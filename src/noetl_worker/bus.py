@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from .config import Settings
 from .errors import BusError
 from .metrics import Metrics
+from .retry import NATS_RECONNECT_WAIT, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,7 +162,7 @@ class Bus:
             "connect_timeout": 5,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
+            "reconnect_time_wait": NATS_RECONNECT_WAIT,
             "ping_interval": 20,
             "max_outstanding_pings": 3,
             "error_cb": error_cb,
@@ -185,8 +185,8 @@ class Bus:
         if self._attempt == 1:
             delay = 0.0
         else:
-            step = min(self.reconnect_cap, self.reconnect_initial * 2 ** (self._attempt - 2))
-            delay = step * random.uniform(0.8, 1.0)
+            policy = RetryPolicy(initial=self.reconnect_initial, cap=self.reconnect_cap)
+            delay = policy.delay(self._attempt - 1)
             log.warning(
                 "NATS unreachable (%s); reconnect attempt %d in %.1fs",
                 self._last_error or "connection lost",

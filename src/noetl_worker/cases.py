@@ -1,4 +1,4 @@
-"""Case evaluation after a tool returns (``context.cases``, upstream §4.6).
+"""Case evaluation after a tool returns (``context.cases``, as the Rust worker evaluates them).
 
 ``cases`` is a list of ``{"when": [{"left", "op", "right"}, …], "then": <action>}``. The first
 case whose conditions all hold wins. Unlike upstream, a case that cannot be parsed is not

@@ -7,21 +7,73 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 from . import __version__
 from .errors import ConfigError
+
+SETTINGS_EPILOG = "Every setting is an environment variable: `noetl-worker config --describe` lists them."
+
+
+def _settings_overview() -> str:
+    """The variables by section, for ``run --help`` (the full table is ``config --describe``)."""
+    from ._config_table import ROWS
+
+    sections: dict[str, list[str]] = {}
+    for section, name, *_ in ROWS:
+        sections.setdefault(section, []).append(name)
+    lines = ["settings (environment variables):"]
+    for section, names in sections.items():
+        lines.append(f"  {section}:")
+        lines.extend(textwrap.wrap(", ".join(names), 96, initial_indent="    ", subsequent_indent="    "))
+    lines.append("")
+    lines.append("`noetl-worker config --describe` prints each one's default, accepted values and meaning;")
+    lines.append("`noetl-worker config` prints the effective values (secrets masked).")
+    return "\n".join(lines)
+
+
+def describe() -> str:
+    """The configuration table (docs/configuration.md, embedded), for ``config --describe``."""
+    from ._config_table import ROWS
+
+    out: list[str] = []
+    section = None
+    for row_section, name, default, accepted, meaning in ROWS:
+        if row_section != section:
+            section = row_section
+            out.append(f"\n== {section}")
+        out.append(f"{name}")
+        out.append(f"    default:  {default}")
+        out.append(f"    accepted: {accepted}")
+        out.extend(textwrap.wrap(meaning, 96, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(out).lstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="noetl-worker",
         description="NoETL worker on Trio: NATS JetStream intake, HTTP claim, tool execution, events.",
-        epilog="Configuration comes from environment variables; see docs/configuration.md.",
+        epilog=SETTINGS_EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"noetl-worker {__version__}")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the worker (the default)")
-    sub.add_parser("config", help="print the effective configuration (secrets masked) and exit")
+    sub.add_parser(
+        "run",
+        help="run the worker (the default)",
+        description="Run the worker until SIGTERM/SIGINT (graceful drain, exit 0); a bad setting exits 2.",
+        epilog=_settings_overview(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration (secrets masked) and exit",
+        description="Print the effective configuration as JSON (secrets masked); exit 2 on a bad setting.",
+    )
+    config.add_argument(
+        "--describe",
+        action="store_true",
+        help="print every setting's default, accepted values and meaning instead, and exit",
+    )
     demo = sub.add_parser("demo", help="run a self-contained demo (embedded nats-server and stub server)")
     demo.add_argument("--commands", type=int, default=0, help="extra noop commands to run (default 0)")
     demo.add_argument(
@@ -39,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         from .watch import main as watch_main
 
         return watch_main(args.url)
+    if args.command == "config" and args.describe:
+        print(describe())
+        return 0
 
     from .config import Settings
 

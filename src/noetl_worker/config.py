@@ -25,7 +25,23 @@ from .errors import ConfigError
 SNOWFLAKE_DEFAULT_EPOCH_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z, the server's epoch
 MAX_NODE_ID: Final = 1023
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+# The spellings operators type (Rust's tracing, syslog, Python's logging), any case → our level.
+LOG_LEVEL_ALIASES: Final = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "information": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+    "err": "error",
+    "critical": "critical",
+    "crit": "critical",
+    "fatal": "critical",
+}
 LOG_FORMATS: Final = ("auto", "json", "text")
+DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DEFAULT_PYTHON_MEMORY_LIMIT_MB: Final = 1024
 DELIVER_POLICIES: Final = ("by_start_time", "new", "all", "last")
 DEFAULT_DELIVER_WINDOW: Final = 300.0
 DEFAULT_CLAIM_MAX_BYTES: Final = 64 * 1024 * 1024
@@ -82,6 +98,9 @@ class Settings:
     log_format: str
     hostname: str
     ipc_node_id: str  # which node a shared-memory result lives on (readers on another refuse it)
+    python_memory_limit_mb: int = DEFAULT_PYTHON_MEMORY_LIMIT_MB
+    # Inputs shown by `noetl-worker config` that have no field of their own above.
+    sources: tuple[tuple[str, str | None], ...] = ()
     # Origins (scheme://host[:port]) a notification's server_url may name (see origins.py).
     server_url_allowlist: frozenset[str] = frozenset()
     deliver_policy: str = "by_start_time"  # of a consumer the worker creates
@@ -126,6 +145,10 @@ class Settings:
             "NOETL_WORKER_MAX_WAITING": self.max_waiting,
             "NOETL_LOG_LEVEL": self.log_level,
             "NOETL_LOG_FORMAT": self.log_format,
+            "HOSTNAME": self.hostname,
+            "NOETL_PYTHON_MEMORY_LIMIT_MB": self.python_memory_limit_mb,
+            # As given (None: unset); their effect shows in the values above.
+            **dict(self.sources),
             "NOETL_SERVER_URL_ALLOWLIST": ",".join(sorted(self.server_url_allowlist)),
             "NATS_DELIVER_POLICY": self.deliver_policy,
             "NATS_DELIVER_WINDOW_SECONDS": self.deliver_window,
@@ -163,17 +186,19 @@ class Env:
         return number
 
     def seconds(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        """A positive duration in seconds (a plain number, or with an ``s``/``ms`` suffix)."""
+        """A positive duration in seconds: a plain number, or with a unit ``ms``, ``s``, ``m``, ``h``."""
         value = self.raw(name)
         if value is None:
             return default
-        accepted = f"a number of seconds > {minimum:g} (e.g. 10, 2.5, 500ms)"
-        text = value.lower()
+        accepted = f"a duration: seconds > {minimum:g} (10, 2.5) or with a unit (500ms, 10s, 10m, 1h)"
+        text = value.lower().strip()
         scale = 1.0
-        if text.endswith("ms"):
-            text, scale = text[:-2], 0.001
-        elif text.endswith("s"):
-            text = text[:-1]
+        for unit in ("ms", "s", "m", "h"):  # "ms" before "s" and "m"
+            if text.endswith(unit):
+                text, scale = text[: -len(unit)].strip(), DURATION_UNITS[unit]
+                break
+        if not text or not text.replace(".", "", 1).isdigit():
+            raise ConfigError(name, value, accepted)
         try:
             number = float(text) * scale
         except ValueError:
@@ -210,6 +235,9 @@ def _load(env: Env) -> Settings:
     node_id, node_source = _snowflake_node(env, worker_id)
     hostname = env.text("HOSTNAME", "") or socket.gethostname() or "unknown"
     log_level = _log_level(env)
+    shown_as_given: tuple[str, ...] = ("RUST_LOG", "NOETL_SHARD_ID", "NOETL_SNOWFLAKE_NODE_ID_OFFSET")
+    shown_as_given += ("NOETL_NODE_ID", "NODE_NAME", "NOETL_DATA_DIR")
+    sources = tuple((name, env.raw(name)) for name in shown_as_given)
     server_url = _server_url(env, "NOETL_SERVER_URL", "http://localhost:8082")
     return Settings(
         worker_id=worker_id,
@@ -244,6 +272,11 @@ def _load(env: Env) -> Settings:
         log_format=env.choice("NOETL_LOG_FORMAT", "auto", LOG_FORMATS),
         hostname=hostname,
         ipc_node_id=env.raw("NOETL_NODE_ID") or env.raw("NODE_NAME") or hostname,
+        # Validated here so a bad value stops the worker at start, not in the first python step.
+        python_memory_limit_mb=env.integer(
+            "NOETL_PYTHON_MEMORY_LIMIT_MB", DEFAULT_PYTHON_MEMORY_LIMIT_MB, minimum=0
+        ),
+        sources=sources,
         server_url_allowlist=_allowlist(env, server_url),
         deliver_policy=env.choice("NATS_DELIVER_POLICY", "by_start_time", DELIVER_POLICIES),
         deliver_window=env.seconds("NATS_DELIVER_WINDOW_SECONDS", DEFAULT_DELIVER_WINDOW),
@@ -453,21 +486,18 @@ def _snowflake_node(env: Env, worker_id: str) -> tuple[int, str]:
 def _log_level(env: Env) -> str:
     explicit = env.raw("NOETL_LOG_LEVEL")
     if explicit is not None:
-        return env.choice("NOETL_LOG_LEVEL", "info", LOG_LEVELS)
+        level = LOG_LEVEL_ALIASES.get(explicit.lower())
+        if level is None:
+            aliases = ", ".join(a for a in LOG_LEVEL_ALIASES if a not in LOG_LEVELS)
+            accepted = f"one of {', '.join(LOG_LEVELS)} or an alias ({aliases}), any case"
+            raise ConfigError("NOETL_LOG_LEVEL", explicit, accepted)
+        return level
     rust_log = env.raw("RUST_LOG")
     if rust_log is None:
         return "info"
     # RUST_LOG is honoured as an alias: a `noetl_worker=<level>` directive wins, else the bare
     # default level; other crates' directives mean nothing here and are ignored.
-    levels = {
-        "trace": "debug",
-        "debug": "debug",
-        "info": "info",
-        "warn": "warning",
-        "warning": "warning",
-        "error": "error",
-        "off": "critical",
-    }
+    levels = {**LOG_LEVEL_ALIASES, "off": "critical"}
     bare: str | None = None
     for directive in rust_log.split(","):
         target, sep, level = directive.strip().rpartition("=")

@@ -4,7 +4,8 @@
   concurrency; JSON is encoded once by us and sent as bytes.
 - Every request has a *total* trio deadline (httpx timeouts are per I/O operation).
 - Retries only where they can help: transport errors, 408, 425, 429, 5xx — honouring
-  ``Retry-After`` — with capped exponential backoff and jitter. Other 4xx are final.
+  ``Retry-After`` (seconds or an HTTP date) — on the schedule of ``retry.RetryPolicy`` (capped
+  exponential, equal jitter). Other 4xx are final.
 - httpx exceptions never leave this module: ``TransportError`` / ``HTTPStatusError``.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -32,32 +32,18 @@ from .jsonlimits import JSONLimitError, loads_bounded
 from .metrics import Metrics
 from .origins import ServerURLError, check_allowed
 
+# Re-exported: callers name the policies where they call the control plane.
+from .retry import CLAIM_RETRY as CLAIM_RETRY
+from .retry import EVENT_RETRY as EVENT_RETRY
+from .retry import ONCE as ONCE
+from .retry import RetryPolicy as RetryPolicy
+from .retry import parse_retry_after
+
 __all__ = ["BodyTooLarge", "ControlPlane"]  # BodyTooLarge: ``request(max_body=…)`` past the limit
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 30.0  # total, per attempt
-
-
-@attrs.frozen
-class RetryPolicy:
-    attempts: int = 4
-    initial: float = 0.25
-    cap: float = 5.0
-    max_retry_after: float = 30.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Sleep before retry number ``attempt`` (1-based); full jitter on the exponential part."""
-        backoff = float(min(self.cap, self.initial * 2 ** (attempt - 1)))
-        backoff = backoff / 2 + random.uniform(0, backoff / 2)
-        if retry_after is not None:
-            return float(min(max(retry_after, backoff), self.max_retry_after))
-        return backoff
-
-
-CLAIM_RETRY = RetryPolicy(attempts=3, initial=0.2, cap=2.0, max_retry_after=2.0)
-EVENT_RETRY = RetryPolicy(attempts=8, initial=0.25, cap=8.0)
-ONCE = RetryPolicy(attempts=1)
 
 
 @attrs.frozen
@@ -72,15 +58,6 @@ class Response:
     @property
     def retry_after(self) -> float | None:
         return parse_retry_after(self.headers.get("retry-after"))
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: ignore, the backoff applies
 
 
 def dumps(value: Any) -> bytes:

@@ -1,4 +1,4 @@
-"""Credential aliases, keychain references and operator-mounted secrets (upstream §4.7, §3.8).
+"""Credential aliases, keychain references and operator-mounted secrets.
 
 A tool config names a credential by a **string** in ``auth`` (checked first) or ``credential``.
 :func:`resolve_credentials` fetches it (plain, or sealed to this worker's key) and merges its
@@ -303,7 +303,7 @@ async def resolve_credentials(
     sealing: SealingKey | None,
     worker_id: str,
 ) -> ResolvedConfig:
-    """Apply credential aliases to a tool config (§4.7).
+    """Apply credential aliases to a tool config.
 
     ``task_sequence`` configs (``{"tool_config": [{label: spec}, …]}``) resolve each task's
     spec separately; ``transfer`` configs resolve ``source`` and ``target`` separately.

@@ -3,8 +3,9 @@ control plane, on a fresh machine with no other service running.
 
 Publishes a handful of commands (one or more per tool kind that needs no external service; the
 ``postgres`` tool too when ``--postgres-dsn`` names a database),
-waits for their terminal events, prints a table (command, tool, status, duration) and the key
-metrics, and exits 0 — or 1 if a command did not end as expected.
+waits for their terminal events (a progress line meanwhile), prints a table (command, tool,
+status, duration; large runs list only the showcase commands and any unexpected ones), a per-tool
+summary and the key metrics, and exits 0 — or 1 if a command did not end as expected.
 
 Then a small workflow runs as real playbooks do on the Python server: a step passes a value to
 the next one through ``{{ step.field }}``, a failing step is routed to a handler by a
@@ -14,9 +15,10 @@ rescue it there).
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -32,6 +34,15 @@ from .testing import (
     open_stub_server,
     open_worker,
 )
+
+# Runs with more commands than this list only the showcase commands and unexpected outcomes; the
+# per-tool summary covers the rest.
+DETAIL_ROWS = 40
+MAX_UNEXPECTED_ROWS = 20
+PROGRESS_EVERY = 0.5  # seconds between progress updates
+# Events the stub server writes itself (at enqueue and claim time): not the worker's reports.
+SERVER_EVENTS = frozenset({"command.issued", "command.claimed"})
+TERMINAL_EVENTS = frozenset({"command.completed", "command.failed"})
 
 
 @attrs.frozen
@@ -115,13 +126,18 @@ def demo_commands(
 def _status(state: StubState, command_id: Any) -> str:
     """``success``, ``error`` (the tool ran and failed), ``FAILED`` (it could not run), or
     ``(none)``; read from the events the worker sent, in either dialect."""
-    terminal = _terminal(state, command_id)
+    return _status_of(state.events_for(command_id))
+
+
+def _status_of(events: Sequence[Any]) -> str:
+    """:func:`_status` from one command's events (in the order the server stored them)."""
+    terminal = next((e for e in events if e.event_type in TERMINAL_EVENTS), None)
     if terminal is None:
         return "(none)"
     payload = terminal.payload if isinstance(terminal.payload, dict) else {}
     if terminal.event_type == "command.completed":
         return str(payload.get("status") or "success").lower().replace("completed", "success")
-    for event in state.events_for(command_id):
+    for event in events:
         body = event.payload if isinstance(event.payload, dict) else {}
         if event.event_type == "call.error" and isinstance(body.get("response"), dict):
             return "error"
@@ -142,13 +158,6 @@ def _why(state: StubState, command_id: Any) -> str:
     return "no events from the worker"
 
 
-def _terminal(state: StubState, command_id: Any) -> Any:
-    for event in state.events_for(command_id):
-        if event.event_type in ("command.completed", "command.failed"):
-            return event
-    return None
-
-
 async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, out: TextIO) -> int:
     def say(line: str) -> None:
         print(line, file=out, flush=True)
@@ -161,6 +170,7 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
             say(f"demo: worker {settings.worker_id} ready; metrics on {', '.join(worker.urls)}")
             specs = demo_commands(stub.url, extra_noops, postgres_dsn)
             queued = []
+            started = time.monotonic()  # the clock of the summary: first publish → last terminal event
             for spec in specs:
                 command = stub.state.enqueue_command(
                     step=spec.step, tool_kind=spec.tool_kind, tool_config=spec.tool_config, input=spec.input
@@ -168,37 +178,43 @@ async def _run(settings: Settings, extra_noops: int, postgres_dsn: str | None, o
                 queued.append((spec, command))
                 await publisher.publish_command(command.notification(stub.url))
             say(f"demo: published {len(queued)} commands; waiting for their terminal events")
-            started = time.monotonic()
-            with trio.move_on_after(120):
-                await stub.state.wait_terminal([c for _, c in queued], timeout=120)
+            progress = _Progress(out, len(queued), started)
+            deadline = max(120.0, len(queued) / 20)
+            with trio.move_on_after(deadline):
+                while (done := sum(1 for _, c in queued if c.terminal)) < len(queued):
+                    progress.update(done)
+                    await trio.sleep(PROGRESS_EVERY)
             elapsed = time.monotonic() - started
-            rows, failures = [], 0
+            progress.finish(sum(1 for _, c in queued if c.terminal))
+            # One pass over the server's event log (events_for scans it: quadratic for large runs).
+            by_command: dict[str, list[Any]] = {}
+            for event in stub.state.events:
+                if event.event_type not in SERVER_EVENTS:
+                    by_command.setdefault(str(event.command_id), []).append(event)
+            results: list[_Outcome] = []
             for spec, command in queued:
-                terminal = _terminal(stub.state, command.command_id)
-                status = _status(stub.state, command.command_id)
-                events = stub.state.events_for(command.command_id)
-                duration = (terminal.received_at - events[0].received_at) if terminal is not None else 0.0
-                ok = status == spec.expect
-                failures += not ok
-                rows.append(
-                    (
-                        spec.step,
-                        spec.tool_kind,
-                        status,
-                        f"{duration * 1000:.0f} ms",
-                        "ok" if ok else f"expected {spec.expect}",
-                    )
-                )
-            _table(say, ("command", "tool", "status", "duration", "check"), rows)
-            for spec, command in queued:
-                if _status(stub.state, command.command_id) != spec.expect:
-                    say(f"  {spec.step}: {_why(stub.state, command.command_id)}")
+                events = by_command.get(str(command.command_id), [])
+                terminal = next((e for e in events if e.event_type in TERMINAL_EVENTS), None)
+                status = _status_of(events)
+                duration = (terminal.received_at - events[0].received_at) if terminal is not None else None
+                results.append(_Outcome(spec, command.command_id, status, duration))
+            failures = sum(not r.ok for r in results)
+            _details(say, results)
+            for outcome in results:
+                if not outcome.ok:
+                    say(f"  {outcome.spec.step}: {_why(stub.state, outcome.command_id)}")
+            _per_tool(say, results)
             flow_ok = await _workflow(say, stub, publisher)
             runtime = worker.runtime
         # The worker has drained and deregistered: its metrics are final.
         if runtime is not None:
             _metrics(say, runtime.metrics.registry, specs)
-        say(f"\ndemo: {len(queued) - failures}/{len(queued)} commands ended as expected in {elapsed:.2f}s")
+        rate = len(queued) / elapsed if elapsed > 0 else 0.0
+        say(
+            f"\ndemo: {len(queued) - failures}/{len(queued)} commands ended as expected; "
+            f"{elapsed:.2f} s from the first publish to the last terminal event ({rate:.0f} commands/s; "
+            f"excludes starting nats-server, the stub server and the worker, and the drain)"
+        )
         return 1 if failures or not flow_ok else 0
 
 
@@ -287,6 +303,97 @@ def _short(value: Any) -> str:
 
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+@attrs.frozen
+class _Outcome:
+    spec: DemoCommand
+    command_id: Any
+    status: str
+    duration: float | None  # the worker's first event (command.started) → its terminal event, s
+
+    @property
+    def ok(self) -> bool:
+        return self.status == self.spec.expect
+
+    def row(self) -> tuple[str, ...]:
+        took = f"{self.duration * 1000:.0f} ms" if self.duration is not None else "-"
+        check = "ok" if self.ok else f"expected {self.spec.expect}"
+        return (self.spec.step, self.spec.tool_kind, self.status, took, check)
+
+
+class _Progress:
+    """One progress line while the commands run: rewritten in place on a terminal, else a line
+    now and then (logs and CI output stay short)."""
+
+    def __init__(self, out: TextIO, total: int, started: float, clock: Callable[[], float] = time.monotonic):
+        self.out, self.total, self.started, self.clock = out, total, started, clock
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.last_line = started
+        self.shown = False
+
+    def _line(self, done: int) -> str:
+        elapsed = max(self.clock() - self.started, 1e-9)
+        width = 30
+        filled = width * done // max(self.total, 1)
+        bar = "#" * filled + "." * (width - filled)
+        return f"demo: [{bar}] {done}/{self.total} done, {elapsed:.1f} s, {done / elapsed:.0f} commands/s"
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        if self.tty:
+            print("\r" + self._line(done), end="", file=self.out, flush=True)
+            self.shown = True
+        elif now - self.last_line >= 2.0:
+            print(self._line(done), file=self.out, flush=True)
+            self.last_line = now
+
+    def finish(self, done: int) -> None:
+        if self.tty and self.shown:
+            print("\r" + self._line(done), file=self.out, flush=True)
+
+
+def _details(say: Any, results: list[_Outcome]) -> None:
+    """Every command of a small run; the showcase commands and unexpected outcomes of a large one."""
+    header = ("command", "tool", "status", "duration", "check")
+    if len(results) <= DETAIL_ROWS:
+        _table(say, header, [r.row() for r in results])
+        return
+    showcase = [r for r in results if not r.spec.step.startswith("noop_")]
+    unexpected = [r for r in results if not r.ok and r not in showcase]
+    rows = [r.row() for r in showcase + unexpected[:MAX_UNEXPECTED_ROWS]]
+    _table(say, header, rows)
+    hidden = len(results) - len(rows)
+    say(f"  … and {hidden} more commands (their tools are in the summary below)")
+
+
+def _per_tool(say: Any, results: list[_Outcome]) -> None:
+    by_kind: dict[str, list[_Outcome]] = {}
+    for outcome in results:
+        by_kind.setdefault(outcome.spec.tool_kind, []).append(outcome)
+    rows = []
+    for kind, outcomes in sorted(by_kind.items()):
+        statuses: dict[str, int] = {}
+        for o in outcomes:
+            statuses[o.status] = statuses.get(o.status, 0) + 1
+        times = sorted(o.duration * 1000 for o in outcomes if o.duration is not None)
+        p50 = f"{statistics.median(times):.0f}" if times else "-"
+        p95 = f"{times[min(len(times) - 1, int(len(times) * 0.95))]:.0f}" if times else "-"
+        worst = f"{times[-1]:.0f}" if times else "-"
+        rows.append(
+            (
+                kind,
+                str(len(outcomes)),
+                str(sum(o.ok for o in outcomes)),
+                ", ".join(f"{k} {n}" for k, n in sorted(statuses.items())),
+                p50,
+                p95,
+                worst,
+            )
+        )
+    say("")
+    say("per tool (durations in ms, from command.started to the terminal event, as the server saw them):")
+    _table(say, ("tool", "commands", "as expected", "statuses", "p50", "p95", "max"), rows)
 
 
 def _metrics(say: Any, registry: Any, specs: list[DemoCommand]) -> None:

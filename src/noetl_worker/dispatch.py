@@ -5,7 +5,7 @@ server gets noetl's own worker's events (a failed tool is ``call.error`` + ``com
 the Rust server the Rust worker's (any tool result is ``call.done`` + ``command.completed``).
 This module only sequences them; it never looks at a payload.
 
-Decisions (docs/architecture.md):
+Decisions (docs/architecture.md, "Design decisions"):
 - The NATS message is acked only once the terminal event is accepted; an in-progress ack keeps
   it alive every ack_wait/3 meanwhile; cancellation at the drain deadline naks it.
 - A tool that finishes within ``COALESCE_WINDOW`` has its start events sent together with
@@ -17,6 +17,7 @@ Decisions (docs/architecture.md):
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -47,6 +48,7 @@ from .event_stream import LifecycleSink, NoLifecycle
 from .events import Event, EventFactory
 from .metrics import Metrics
 from .notification import Notification
+from .retry import TERMINAL_RETRY
 from .snowflake import SnowflakeGenerator
 from .tools.base import ToolContext, ToolResources, ToolResult
 
@@ -57,7 +59,6 @@ WAITING_KINDS = frozenset({"playbook"})
 WAITING_DEFAULT_TIMEOUT = 300.0  # the playbook tool's own default
 WAITING_MARGIN = 5.0
 TERMINAL_PATIENCE = 300.0
-TERMINAL_RETRY = RetryPolicy(attempts=1_000_000, initial=0.25, cap=10.0)
 NAK_DELAY_SHUTDOWN = 0.0
 HEARTBEAT_RETRY = RetryPolicy(attempts=2)
 
@@ -349,8 +350,13 @@ async def _claim_and_run(
     rt.lifecycle.claimed(command)
     rt.metrics.concurrent.inc()
     start = trio.current_time()
+    _outcome_counted.set(False)
     try:
         return await run_command(rt, command, token)
+    except BaseException as exc:
+        if _is_cancellation(exc) and not _outcome_counted.get():
+            rt.metrics.command_finished(rt.metrics.kind_label(command.tool_kind), "cancelled")
+        raise
     finally:
         rt.metrics.concurrent.dec()
         rt.metrics.dispatch_duration.labels(rt.metrics.kind_label(command.tool_kind)).observe(
@@ -419,8 +425,7 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
         nursery.cancel_scope.cancel()
 
     if isinstance(outcome, _Failure):
-        rt.metrics.dispatch_errors.labels(kind).inc()
-        rt.metrics.commands.labels(kind, "failed").inc()
+        _finished(rt, kind, "failed")
         error = rt.hooks.scrub_text(outcome.message, ctx)
         log.warning("command failed: %s", error, extra={"tool_kind": kind, "status": "failed"})
         batch = [*sender.pending(), *dialect.exception_events(events, error, outcome.error_type)]
@@ -454,14 +459,13 @@ async def _report_result(
     effect = await rt.hooks.after_result(command, ctx, result, events)
     pending = sender.pending()
     if effect.fail_message is not None:
-        rt.metrics.dispatch_errors.labels(kind).inc()
-        rt.metrics.commands.labels(kind, "failed").inc()
+        _finished(rt, kind, "failed")
         message = rt.hooks.scrub_text(effect.fail_message, ctx)
         log.warning("command failed: %s", message, extra={"tool_kind": kind, "status": "failed"})
         batch = dialect.case_failed_events(events, reported, result, message, effect.events, effect.warnings)
         # Single posts, not a batch: the Python server's batch route acts on one event only.
         return await _report(rt, command, _scrubbed(rt, ctx, [*pending, *batch]), batch_ok=False)
-    rt.metrics.commands.labels(kind, result.status).inc()
+    _finished(rt, kind, result.status)
     if result.status != "success" or failed:
         error = rt.hooks.scrub_text(dialect.error_text(result), ctx)
         log.warning(
@@ -492,6 +496,23 @@ def _scrubbed(rt: Runtime, ctx: ToolContext, batch: list[Event]) -> list[Event]:
 class _Failure:
     message: str
     error_type: str | None = None
+
+
+# Whether this command task has counted its outcome: a drain cancellation counts `cancelled` only
+# for a command that had none yet (one cancelled while delivering its events already counted).
+_outcome_counted: contextvars.ContextVar[bool] = contextvars.ContextVar("outcome_counted", default=False)
+
+
+def _finished(rt: Runtime, kind: str, status: str) -> None:
+    _outcome_counted.set(True)
+    rt.metrics.command_finished(kind, status)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, trio.Cancelled):
+        return True
+    # A nursery inside the command wraps Cancelled in a group.
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
 
 
 async def _execute(rt: Runtime, command: Command, ctx: ToolContext) -> ToolResult | _Failure:
@@ -590,7 +611,8 @@ class _StartedSender:
 
 @asynccontextmanager
 async def _released_slot(rt: Runtime, token: object) -> AsyncIterator[None]:
-    """Give the execution slot back while a tool only waits on the server."""
+    """Give the execution slot back while a tool only waits on the server ("waiting is not
+    working", docs/architecture.md)."""
     async with rt.waiting:
         rt.slots.release_on_behalf_of(token)
         try:
@@ -617,7 +639,8 @@ def held_claim_settle(outcome: AlreadyClaimed, delivered: int) -> tuple[str, flo
     """
     if outcome.code != "active_claim" or delivered >= HELD_CLAIM_MAX_DELIVERIES:
         return Settle.ACK, 0.0
-    backoff = HELD_CLAIM_FIRST_DELAY * 2 ** min(max(delivered - 1, 0), 8)
+    # The retry policy's schedule without jitter: JetStream spaces the redeliveries itself.
+    backoff = RetryPolicy(initial=HELD_CLAIM_FIRST_DELAY, cap=HELD_CLAIM_MAX_DELAY).backoff(delivered)
     delay = max(backoff, min(outcome.retry_after or 0.0, HELD_CLAIM_MAX_DELAY))
     return Settle.NAK, min(delay, HELD_CLAIM_MAX_DELAY)
 

@@ -56,7 +56,7 @@ class HTTPStatusError(ControlPlaneError):
 
 
 def is_retryable_status(status: int) -> bool:
-    """Statuses where a later retry can help (DESIGN.md §4.4); every other 4xx is final."""
+    """Statuses where a later retry can help (408, 425, 429, 5xx); every other 4xx is final."""
     return status in (408, 425, 429) or status >= 500
 
 

@@ -1,10 +1,10 @@
-"""Same-node fast path for large results: POSIX shared memory holding Arrow IPC (upstream §9).
+"""Same-node fast path for large results: POSIX shared memory holding Arrow IPC (the Rust worker's IPC hint).
 
 The durable result store stays authoritative; a consumer on the same node may read the staged
 bytes instead of fetching them over HTTP. Unlike upstream, entries are *owned*: an entry is
 unlinked when its lease has expired (``sweep``, run on every ``put`` and periodically by the
 service) and every entry this process created is unlinked by ``close`` at shutdown
-(DESIGN.md §4 item 9).
+(docs/architecture.md, "Shared-memory results are cleaned up").
 
 Segments are created with ``_posixshmem.shm_open`` + ``mmap`` rather than
 ``multiprocessing.shared_memory``: on Python 3.11/3.12 the latter registers each segment with
@@ -71,7 +71,7 @@ def _all_mappings(rows: list[Any]) -> bool:
 
 
 def _tabular(result_json: Mapping[str, Any]) -> tuple[list[Any], list[str] | None] | None:
-    """``(rows, column names)`` if the result is tabular per §3.6, else None."""
+    """``(rows, column names)`` if the result is tabular (a list of rows, or columns and rows), else None."""
     for holder in (result_json, result_json.get("data")):
         if not isinstance(holder, Mapping):
             continue
@@ -165,7 +165,7 @@ def _rfc3339_ms(epoch: float) -> str:
 
 @attrs.frozen
 class IpcHint:
-    """Where a staged payload lives; ``to_json`` is upstream's IpcHint shape (§9)."""
+    """Where a staged payload lives; ``to_json`` is upstream's IpcHint shape."""
 
     shm_name: str
     schema_digest: str

@@ -28,6 +28,13 @@ DISPATCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 EMIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 PUT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PULL_OUTCOMES = ("claimed", "already_claimed", "retry_later", "failed")
+# noetl_worker_commands_total{status}: the tool's own statuses, `failed` (no result: the tool raised,
+# its config was invalid, a pre-dispatch step such as a credential failed, or a case said `fail`) and
+# `cancelled` (the drain deadline cancelled it before it had an outcome; the message is nak'd).
+COMMAND_STATUSES = ("success", "error", "timeout", "failed", "cancelled")
+# Statuses that also count in noetl_worker_dispatch_errors_total: every outcome but success and
+# cancelled (a drain hand-back is not the command's failure; another worker runs it).
+ERROR_STATUSES = frozenset({"error", "timeout", "failed"})
 
 
 @attrs.define(eq=False, slots=False)
@@ -57,7 +64,7 @@ class Metrics:
         )
         self.dispatch_errors = Counter(
             "noetl_worker_dispatch_errors_total",
-            "Commands that failed (tool error, pre-dispatch failure, case fail), by tool kind.",
+            "Commands whose outcome was not success: status error, timeout or failed, by tool kind.",
             ["tool_kind"],
             registry=r,
         )
@@ -75,6 +82,14 @@ class Metrics:
             registry=r,
         )
         self.concurrent = Gauge("noetl_worker_concurrent_dispatches", "Commands running now.", registry=r)
+        # Ours: the configured ceiling of the gauge above, so saturation can be graphed; its
+        # worker_pool label also lets the dashboard select a pool without the chart's relabeling.
+        self.concurrency_limit = Gauge(
+            "noetl_worker_concurrency_limit",
+            "Commands this worker may run at once (WORKER_MAX_CONCURRENT), by pool.",
+            ["worker_pool"],
+            registry=r,
+        )
         self.consumer_pending = Gauge(
             "noetl_worker_nats_consumer_pending",
             "Messages not yet delivered by the consumer.",
@@ -174,6 +189,12 @@ class Metrics:
         r.register(GC_COLLECTOR)
         for outcome in PULL_OUTCOMES:
             self.pulls.labels(outcome)
+
+    def command_finished(self, tool_kind: str, status: str) -> None:
+        """One command's outcome: ``commands_total`` and, unless success/cancelled, dispatch errors."""
+        self.commands.labels(tool_kind, status).inc()
+        if status in ERROR_STATUSES:
+            self.dispatch_errors.labels(tool_kind).inc()
 
     @staticmethod
     def kind_label(kind: str) -> str:

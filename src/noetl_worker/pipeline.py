@@ -29,13 +29,14 @@ from .events import Event, EventFactory
 from .ipc_cache import IpcCache
 from .metrics import Metrics
 from .results import build_call_done_result, resolve_envelopes, resolve_render_references
+from .retry import CREDENTIAL_RETRY
 from .scrub import Scrubber
 from .sealed import SealingKey
 from .tools.base import ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
 
-CREDENTIAL_RETRIES = 3  # in-process tries for a transient credential failure before failing
+CREDENTIAL_RETRIES = CREDENTIAL_RETRY.attempts  # in-process tries for a transient credential failure
 SWEEP_INTERVAL = 15.0
 
 
@@ -151,7 +152,7 @@ class Pipeline:
                 log.warning(
                     "credential lookup failed (%s); retry %d of %d", exc, attempt, CREDENTIAL_RETRIES - 1
                 )
-                await trio.sleep(0.5 * 2**attempt)
+                await trio.sleep(CREDENTIAL_RETRY.delay(attempt))
         raise AssertionError("unreachable")
 
     def _scrubber_for(self, secrets: Mapping[str, str]) -> Scrubber:

@@ -1,4 +1,4 @@
-"""The ``result`` object of ``call.done`` and the references it may carry (upstream §3.6, §3.9).
+"""The ``result`` object of ``call.done`` and the references it may carry (both servers' shape).
 
 Produce side (:func:`build_call_done_result`): the scrubbed tool result goes inline when its
 compact JSON fits the budget; otherwise it is stored durably (``PUT /api/result/{eid}``) and
@@ -71,7 +71,7 @@ class _Budget:
 
 
 def extract_summary(value: Any, budget: int = EXTRACT_BUDGET) -> Any:
-    """The bounded, structure-preserving summary of a result (``extracted``, §3.6)."""
+    """The bounded, structure-preserving summary of a result (``extracted``)."""
     return _summarise(value, 0, _Budget(budget))
 
 
@@ -105,7 +105,7 @@ def _summarise(value: Any, depth: int, budget: _Budget) -> Any:
 
 
 def result_uri(execution_id: int, step: str, cursor: tuple[int, int] = (0, 0)) -> str:
-    """The logical locator stamped on a ``result_ref`` (§3.6); attempt is always 1."""
+    """The logical locator stamped on a ``result_ref`` ; attempt is always 1."""
     frame, row = cursor
     return f"noetl://default/default/results/{execution_id}/{step}/{frame}/{row}/1"
 
@@ -201,7 +201,7 @@ async def build_call_done_result(
     cursor: tuple[int, int] = (0, 0),
     metrics: ResultMetrics | None = None,
 ) -> dict[str, Any]:
-    """The ``result`` object of ``call.done`` for a serialized ToolResult (§3.6).
+    """The ``result`` object of ``call.done`` for a serialized ToolResult.
 
     | durable PUT | shared memory | result                                                   |
     | ok          | ok / failed   | status, context {data {_ref}}, reference ResultRef(+ipc) |
@@ -337,7 +337,7 @@ async def resolve_envelopes(value: Any, server: ServerAPI) -> Any:
     return out
 
 
-# --- consume side: render-time resolution of step references (§3.9) ---------------------
+# --- consume side: render-time resolution of step references ---------------------------
 
 _TEMPLATE_RE: Final = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
 _SEGMENT_RE: Final = re.compile(
@@ -457,7 +457,7 @@ def _resolved_step(step_result: Mapping[str, Any], data: Any) -> dict[str, Any]:
 async def resolve_render_references(
     command_input: Any, render_context: Mapping[str, Any], server: ServerAPI
 ) -> dict[str, Any]:
-    """A copy of ``render_context`` with referenced step results fetched where needed (§3.9).
+    """A copy of ``render_context`` with referenced step results fetched where needed.
 
     Only steps whose name a template in ``command_input`` uses, and only when the flat
     ``<step>`` summary cannot answer every accessor, cost a ``GET /api/result/resolve``.

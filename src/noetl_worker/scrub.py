@@ -1,4 +1,4 @@
-"""Secret scrubbing of ``call.done`` results (upstream §4.8, DESIGN.md §4 item 8).
+"""Secret scrubbing of ``call.done`` results (by key token, not substring; docs/architecture.md).
 
 Three rules, applied to a copy of a JSON tree:
 

@@ -1,4 +1,4 @@
-"""Sealed credential delivery (upstream §4.7): the server encrypts a credential to the worker.
+"""Sealed credential delivery: the server encrypts a credential to the worker.
 
 ``X25519(worker static secret, ephemeral public) → HKDF-SHA256(no salt, info
 "noetl-sealed-v1", 44 bytes) = 32-byte key + 12-byte nonce → ChaCha20-Poly1305`` with a fixed

@@ -14,6 +14,7 @@ nak'd); background tasks stop; deregister; NATS drained; the http server stops; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ import attrs
 import trio
 import trio_asyncio
 
-from . import procs
+from . import __version__, procs
 from .bus import Bus, Message, install_exception_handler
 from .config import Settings
 from .control_plane import ControlPlane
@@ -37,6 +38,7 @@ from .http_server import BindError, make_app, serve_http
 from .metrics import Metrics
 from .notification import parse_notification
 from .origins import ServerURLError, check_allowed
+from .retry import Backoff
 from .snowflake import SnowflakeGenerator
 from .tools.base import ToolResources
 
@@ -89,23 +91,6 @@ class WorkerState:
         return True, "ready"
 
 
-class Backoff:
-    """Capped exponential backoff with jitter, reset on success."""
-
-    def __init__(self, initial: float = 0.25, cap: float = 10.0) -> None:
-        self.initial, self.cap, self.current = initial, cap, initial
-
-    def reset(self) -> None:
-        self.current = self.initial
-
-    def next(self) -> float:
-        import random
-
-        delay = self.current
-        self.current = min(self.cap, self.current * 2)
-        return delay / 2 + random.uniform(0, delay / 2)
-
-
 async def supervise(name: str, fn: Callable[[], Awaitable[None]], metrics: Metrics) -> None:
     """Restart a long-lived child after an error (never after cancellation)."""
     backoff = Backoff(0.5, 30.0)
@@ -145,6 +130,7 @@ async def serve(
     state = state or WorkerState(settings.heartbeat_interval)
     async with AsyncExitStack() as stack:
         metrics = Metrics()
+        metrics.concurrency_limit.labels(settings.pool_name).set(settings.max_concurrent)
         if bus is None:
             loop = await stack.enter_async_context(trio_asyncio.open_loop())
             install_exception_handler(loop)
@@ -175,8 +161,10 @@ async def serve(
             rt.lifecycle = Lifecycle(state.events, settings.worker_id)
         state.runtime = rt
         log.info(
-            "noetl-worker starting",
+            "noetl-worker %s starting",
+            __version__,
             extra={
+                "version": __version__,
                 "pool": settings.pool_name,
                 "server_url": settings.server_url,
                 "nats_url": settings.nats.url,
@@ -314,17 +302,24 @@ async def _heartbeat(rt: Runtime, state: WorkerState) -> None:
 
 
 async def _lag_poller(rt: Runtime, bus: Bus) -> None:
+    # The gauges exist only while a poll has answered: absent (not 0) before the first answer and
+    # after a failed one, so "no data" never reads as "no backlog".
     s = rt.settings
-    pending = rt.metrics.consumer_pending.labels(s.stream, s.consumer)
-    ack_pending = rt.metrics.consumer_ack_pending.labels(s.stream, s.consumer)
+    gauges = (rt.metrics.consumer_pending, rt.metrics.consumer_ack_pending)
     while True:
+        known = False
         if bus.bound:
             try:
                 lag = await bus.consumer_lag()
-                pending.set(lag.pending)
-                ack_pending.set(lag.ack_pending)
+                rt.metrics.consumer_pending.labels(s.stream, s.consumer).set(lag.pending)
+                rt.metrics.consumer_ack_pending.labels(s.stream, s.consumer).set(lag.ack_pending)
+                known = True
             except BusError as exc:
                 log.warning("consumer lag poll failed: %s", exc)
+        if not known:
+            for gauge in gauges:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(s.stream, s.consumer)
         await trio.sleep(s.lag_poll_interval)
 
 

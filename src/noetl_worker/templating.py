@@ -72,7 +72,7 @@ def build_variables(
     tool_kind: str,
     cursor: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The template variables of one command (upstream-rust-worker.md §4.2 shims).
+    """The template variables of one command, with the Rust worker's shims.
 
     Starts from the command's ``render_context``; if it has no ``ctx``, ``ctx`` becomes the whole
     render context as one object and ``workload`` the same object when absent (shims the server

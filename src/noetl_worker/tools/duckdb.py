@@ -13,6 +13,10 @@ every statement *n* (from 1) that returned rows ``command_<n>_rows`` (how many) 
 ``secrets_created`` (0) and ``database_path``. A failing statement stops the script: status
 ``error``.
 
+Scripts are split into statements by DuckDB's own parser (``extract_statements``), which knows
+DuckDB's dialect exactly; the hand-written splitter of ``_sql`` is used only to name the
+statement that does not parse.
+
 A connection per call keeps concurrent commands apart (a DuckDB connection must not be used by
 two threads at once); calls on the same file share DuckDB's in-process database instance.
 Extensions are never installed from the network: the worker must work offline.
@@ -52,15 +56,14 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
     if not isinstance(path, str) or not path:
         field = found[0] if found else "db_path"
         raise ToolConfigError(KIND, field, f"expected a file path or ':memory:', got {path!r}")
-    statements = _sqltool.read_statements(KIND, config, ctx)
+    scripts = _sqltool.read_statements(KIND, config, ctx, split=_whole_script)
     params = _sqltool.read_params(KIND, config, ctx)
     read_only = _fields.flag(KIND, config, "read_only", default=False)
-    bound = [(s, params if params is not None and _sql.has_markers(s) else None) for s in statements]
 
     try:
         conn = await trio.to_thread.run_sync(_connect, path, read_only)
     except duckdb.Error as exc:
-        return _sqltool.error_result(KIND, None, _message(exc), None, len(statements))
+        return _sqltool.error_result(KIND, None, _message(exc), None, len(scripts))
     try:
         stop = threading.Event()
 
@@ -68,9 +71,9 @@ async def run(config: Mapping[str, Any], ctx: ToolContext) -> ToolResult:
             stop.set()
             conn.interrupt()
 
-        results = await run_interruptible(lambda: _execute(conn, bound, stop), interrupt)
+        results = await run_interruptible(lambda: _execute(conn, scripts, params, stop), interrupt)
     except _StatementError as exc:
-        return _sqltool.error_result(KIND, None, _message(exc.error), exc.index, len(statements))
+        return _sqltool.error_result(KIND, None, _message(exc.error), exc.index, exc.total)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(conn.close)
@@ -107,10 +110,38 @@ def _connect(path: str, read_only: bool) -> duckdb.DuckDBPyConnection:
 
 
 class _StatementError(Exception):
-    def __init__(self, index: int, error: duckdb.Error) -> None:
+    def __init__(self, index: int, error: duckdb.Error, total: int) -> None:
         super().__init__(str(error))
         self.index = index
         self.error = error
+        self.total = total
+
+
+def _whole_script(text: str) -> list[str]:
+    return [text] if text.strip() else []
+
+
+def _statements(conn: duckdb.DuckDBPyConnection, scripts: list[str]) -> list[str]:
+    """Every statement of the scripts, in order, as DuckDB's parser splits them."""
+    out: list[str] = []
+    for script in scripts:
+        try:
+            parsed = conn.extract_statements(script)
+        except duckdb.Error as exc:
+            # Say which statement does not parse: find it among the script's pieces.
+            pieces = _sql.split_statements(script)
+            total = len(out) + len(pieces)
+            for piece in pieces:
+                try:
+                    (statement,) = conn.extract_statements(piece) or (None,)
+                except (duckdb.Error, ValueError) as inner:
+                    error = inner if isinstance(inner, duckdb.Error) else exc
+                    raise _StatementError(len(out), error, total) from exc
+                if statement is not None:
+                    out.append(statement.query)
+            raise _StatementError(len(out), exc, max(total, len(out) + 1)) from exc
+        out.extend(s.query for s in parsed)
+    return out
 
 
 class _Stopped(Exception):
@@ -118,18 +149,22 @@ class _Stopped(Exception):
 
 
 def _execute(
-    conn: duckdb.DuckDBPyConnection, bound: list[tuple[str, Any]], stop: threading.Event
+    conn: duckdb.DuckDBPyConnection, scripts: list[str], params: Any, stop: threading.Event
 ) -> list[list[Any]]:
     """Every statement's rows (DML gives DuckDB's one-row count, as noetl's summary shows)."""
+    statements = _statements(conn, scripts)
+    if not statements:
+        raise ToolConfigError(KIND, "query", "holds no SQL statement")
     results: list[list[Any]] = []
-    for index, (statement, params) in enumerate(bound):
+    for index, statement in enumerate(statements):
         if stop.is_set():
             raise _Stopped
+        bound = params if params is not None and _sql.has_markers(statement) else None
         try:
-            conn.execute(statement, params)
+            conn.execute(statement, bound)
             rows = conn.fetchall() if conn.description else []
         except duckdb.Error as exc:
-            raise _StatementError(index, exc) from exc
+            raise _StatementError(index, exc, len(statements)) from exc
         results.append(list(rows))
     return results
 

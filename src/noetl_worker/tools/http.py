@@ -40,7 +40,7 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 RESPONSE_TYPES = ("json", "text", "binary")
 AUTH_TYPES = ("bearer", "basic", "api_key", "none")
 DEFAULT_TIMEOUT = 60.0
-# Modest and equal on purpose (trio-notes §2): httpcore's pool assignment is O(conns * queued),
+# Modest and equal on purpose: httpcore's pool assignment is O(conns * queued),
 # and keep-alive below the connection cap makes surplus connections churn.
 POOL_SIZE = 16
 

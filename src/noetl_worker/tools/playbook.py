@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..errors import HTTPStatusError, ToolConfigError, TransportError
+from ..retry import PLAYBOOK_RETRY
 from . import _fields
 from .base import ToolContext, ToolResult
 
@@ -32,8 +33,6 @@ KIND = "playbook"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_POLL_INTERVAL = 2.0
 EXECUTE_ATTEMPTS = 5
-BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 10.0
 _DONE = frozenset({"completed", "complete", "success", "succeeded", "finished"})
 _FAILED = frozenset({"failed", "failure", "error", "cancelled", "canceled", "aborted"})
 
@@ -152,7 +151,6 @@ def _outcome(status: Any) -> str | None:
 
 async def _retrying(what: str, call: Callable[[], Awaitable[T]], *, attempts: int | None = None) -> T:
     """``call()``, retried on transport errors and retryable statuses with capped backoff."""
-    delay = BACKOFF_FIRST
     attempt = 0
     while True:
         attempt += 1
@@ -161,13 +159,12 @@ async def _retrying(what: str, call: Callable[[], Awaitable[T]], *, attempts: in
         except HTTPStatusError as exc:
             if not exc.retryable or (attempts is not None and attempt >= attempts):
                 raise _Final(what, exc) from exc
-            wait = min(exc.retry_after, BACKOFF_CAP) if exc.retry_after is not None else delay
+            wait = PLAYBOOK_RETRY.delay(attempt, exc.retry_after)
         except TransportError:
             if attempts is not None and attempt >= attempts:
                 raise
-            wait = delay
+            wait = PLAYBOOK_RETRY.delay(attempt)
         await trio.sleep(wait)
-        delay = min(delay * 2, BACKOFF_CAP)
 
 
 def _final_error(exc: _Final, execution_id: str | None = None) -> ToolResult:

@@ -58,14 +58,93 @@ integers; null prints as empty, which means unset.
 {{- end }}
 {{- end }}
 
-{{/* A duration of docs/configuration.md ("20", "2.5", "500ms", "10s") in seconds. */}}
+{{/* A duration of docs/configuration.md ("20", "2.5", "500ms", "10s", "10m", "1h") in seconds. */}}
 {{- define "noetl-worker.seconds" -}}
-{{- $v := trim (index . 1) }}
-{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(ms|s)?$" $v) }}
-{{- fail (printf "config.%s=%q is not a duration; accepted: seconds (20, 2.5) or a suffix (500ms, 10s)" (index . 0) $v) }}
+{{- $v := lower (trim (index . 1)) }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(ms|s|m|h)?$" $v) }}
+{{- fail (printf "config.%s=%q is not a duration; accepted: seconds (20, 2.5) or a suffix (500ms, 10s, 10m, 1h)" (index . 0) $v) }}
 {{- end }}
 {{- if hasSuffix "ms" $v }}{{ divf (trimSuffix "ms" $v | float64) 1000 }}
+{{- else if hasSuffix "m" $v }}{{ mulf (trimSuffix "m" $v | float64) 60 }}
+{{- else if hasSuffix "h" $v }}{{ mulf (trimSuffix "h" $v | float64) 3600 }}
 {{- else }}{{ trimSuffix "s" $v | float64 }}{{ end }}
+{{- end }}
+
+{{/* A Kubernetes quantity ("256Mi", "1Gi", "500M", "268435456") in bytes, as an integer. */}}
+{{- define "noetl-worker.bytes" -}}
+{{- $v := trim (toString (index . 1)) }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|K|M|G|T)?$" $v) }}
+{{- fail (printf "%s=%q is not a memory quantity; accepted: bytes or a suffix (Ki, Mi, Gi, Ti, k, M, G, T)" (index . 0) $v) }}
+{{- end }}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 }}
+{{- $number := regexReplaceAll "^([0-9.]+).*$" $v "${1}" | float64 }}
+{{- $unit := regexReplaceAll "^[0-9.]+" $v "" }}
+{{- mulf $number (index $units $unit) | floor | int64 }}
+{{- end }}
+
+{{/*
+The memory plan as JSON {"cache": bytes or "", "python": MiB or ""}: explicit config values
+kept, empty ones derived from resources.limits.memory (values.yaml: memoryPlan), and the render
+failed when they cannot all fit in the limit. Without a memory limit nothing is derived.
+*/}}
+{{- define "noetl-worker.memoryPlan" -}}
+{{- $cacheRaw := include "noetl-worker.str" .Values.config.NOETL_IPC_CACHE_BUDGET_BYTES }}
+{{- $pyRaw := include "noetl-worker.str" .Values.config.NOETL_PYTHON_MEMORY_LIMIT_MB }}
+{{- $limitRaw := "" }}
+{{- with .Values.resources }}{{ with .limits }}{{ $limitRaw = toString (.memory | default "") }}{{ end }}{{ end }}
+{{- if eq $limitRaw "" }}
+{{- dict "cache" $cacheRaw "python" $pyRaw | toJson }}
+{{- else }}
+{{- $mi := 1048576 }}
+{{- $slots := include "noetl-worker.str" .Values.config.WORKER_MAX_CONCURRENT | default "1" | int64 }}
+{{- $plan := .Values.memoryPlan }}
+{{- $limit := include "noetl-worker.bytes" (list "resources.limits.memory" $limitRaw) | int64 }}
+{{- $reserve := mul (int64 $plan.workerReserveMi) $mi }}
+{{- $available := sub $limit $reserve }}
+{{- if le $available 0 }}
+{{- fail (printf "resources.limits.memory=%s leaves nothing after memoryPlan.workerReserveMi (%d MiB) for the Arrow IPC cache and python steps: raise the limit" $limitRaw (int64 $plan.workerReserveMi)) }}
+{{- end }}
+{{- $cache := 0 }}
+{{- if ne $cacheRaw "" }}{{ $cache = int64 $cacheRaw }}
+{{- else }}{{ $cache = mul (div (div (mul $available (int64 $plan.ipcCachePercent)) 100) $mi) $mi }}{{ end }}
+{{- if gt $cache $available }}
+{{- fail (printf "config.NOETL_IPC_CACHE_BUDGET_BYTES=%d (%d MiB) does not fit in resources.limits.memory=%s after memoryPlan.workerReserveMi (%d MiB); shared memory counts against the pod's limit: raise the limit or lower the budget" $cache (div $cache $mi) $limitRaw (int64 $plan.workerReserveMi)) }}
+{{- end }}
+{{- $python := 0 }}
+{{- if ne $pyRaw "" }}{{ $python = int64 $pyRaw }}
+{{- else }}
+{{- $python = div (div (sub $available $cache) $slots) $mi }}
+{{- if lt $python (int64 $plan.minPythonMi) }}
+{{- fail (printf "resources.limits.memory=%s leaves %d MiB per python step with WORKER_MAX_CONCURRENT=%d (after memoryPlan.workerReserveMi %d MiB and a %d MiB IPC cache); at least memoryPlan.minPythonMi=%d MiB is needed: raise the memory limit, lower WORKER_MAX_CONCURRENT or the cache budget, or set config.NOETL_PYTHON_MEMORY_LIMIT_MB explicitly (0 turns the guard off)" $limitRaw $python $slots (int64 $plan.workerReserveMi) (div $cache $mi) (int64 $plan.minPythonMi)) }}
+{{- end }}
+{{- end }}
+{{- $needed := add $reserve $cache (mul $python $mi $slots) }}
+{{- if gt $needed $limit }}
+{{- fail (printf "resources.limits.memory=%s (%d MiB) cannot hold memoryPlan.workerReserveMi (%d MiB) + NOETL_IPC_CACHE_BUDGET_BYTES (%d MiB) + NOETL_PYTHON_MEMORY_LIMIT_MB (%d MiB) x WORKER_MAX_CONCURRENT (%d) = %d MiB: the python guard and the cache would only be stopped by the OOM killer. Raise the limit, lower these values, or leave them empty to derive them from the limit" $limitRaw (div $limit $mi) (int64 $plan.workerReserveMi) (div $cache $mi) $python $slots (div $needed $mi)) }}
+{{- end }}
+{{- dict "cache" (toString $cache) "python" (toString $python) | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* KEDA's NATS monitoring endpoint: explicit, else the host of the first NATS_URL entry. */}}
+{{- define "noetl-worker.natsMonitoringEndpoint" -}}
+{{- if .Values.keda.natsServerMonitoringEndpoint }}
+{{- .Values.keda.natsServerMonitoringEndpoint }}
+{{- else }}
+{{- $url := include "noetl-worker.str" .Values.config.NATS_URL | default "nats://localhost:4222" }}
+{{- $first := trim (first (splitList "," $url)) }}
+{{- $host := regexReplaceAll "^[a-z]+://([^@/]*@)?(\\[[^]]+\\]|[^:/]+).*$" $first "${2}" }}
+{{- printf "%s:%d" $host (int .Values.keda.natsMonitoringPort) }}
+{{- end }}
+{{- end }}
+
+{{/* The image reference: repository@digest, else repository:tag (the chart's appVersion by default). */}}
+{{- define "noetl-worker.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (toString (.Values.image.tag | default .Chart.AppVersion)) }}
+{{- end }}
 {{- end }}
 
 {{/* The most replicas this release can run (KEDA's ceiling when KEDA is on). */}}
@@ -113,6 +192,16 @@ integers; null prints as empty, which means unset.
 {{- if and .Values.serviceMonitor.enabled (not .Values.service.enabled) }}
 {{- fail "serviceMonitor.enabled needs service.enabled (or use podMonitor.enabled)" }}
 {{- end }}
+{{- if and .Values.serviceMonitor.enabled .Values.podMonitor.enabled }}
+{{- fail "podMonitor.enabled and serviceMonitor.enabled would scrape every pod twice (doubling replica counts and in-flight sums): enable one of them" }}
+{{- end }}
+{{- $memory := include "noetl-worker.memoryPlan" . | fromJson }}
+{{- if and .Values.shm.enabled (ne $memory.cache "") }}
+{{- $shm := include "noetl-worker.bytes" (list "shm.sizeLimit" .Values.shm.sizeLimit) | int64 }}
+{{- if lt $shm (int64 $memory.cache) }}
+{{- fail (printf "shm.sizeLimit=%s is smaller than the IPC cache budget (%s bytes): raise shm.sizeLimit or lower config.NOETL_IPC_CACHE_BUDGET_BYTES" (toString .Values.shm.sizeLimit) $memory.cache) }}
+{{- end }}
+{{- end }}
 {{- range .Values.keychainSecrets }}
 {{- if not (regexMatch "^[A-Za-z_][A-Za-z0-9_]*$" (toString .name)) }}
 {{- fail (printf "keychainSecrets name %q is not an environment variable name" (toString .name)) }}
@@ -128,13 +217,22 @@ integers; null prints as empty, which means unset.
 
 {{/* The worker container's env: config map first, then the special cases. */}}
 {{- define "noetl-worker.env" -}}
-{{- $special := list "WORKER_ID" "NODE_NAME" "NOETL_SNOWFLAKE_NODE_ID" "NOETL_KEYCHAIN_ENV_VARS" "NATS_PASSWORD" "NOETL_INTERNAL_API_TOKEN" }}
+{{- $special := list "WORKER_ID" "NODE_NAME" "NOETL_SNOWFLAKE_NODE_ID" "NOETL_KEYCHAIN_ENV_VARS" "NATS_PASSWORD" "NOETL_INTERNAL_API_TOKEN" "NOETL_IPC_CACHE_BUDGET_BYTES" "NOETL_PYTHON_MEMORY_LIMIT_MB" }}
 {{- range $name := keys .Values.config | sortAlpha }}
 {{- $value := include "noetl-worker.str" (index $.Values.config $name) }}
 {{- if and (ne $value "") (not (has $name $special)) }}
 - name: {{ $name }}
   value: {{ $value | quote }}
 {{- end }}
+{{- end }}
+{{- $memory := include "noetl-worker.memoryPlan" . | fromJson }}
+{{- if ne $memory.cache "" }}
+- name: NOETL_IPC_CACHE_BUDGET_BYTES
+  value: {{ $memory.cache | quote }}
+{{- end }}
+{{- if ne $memory.python "" }}
+- name: NOETL_PYTHON_MEMORY_LIMIT_MB
+  value: {{ $memory.python | quote }}
 {{- end }}
 {{- $workerId := include "noetl-worker.str" .Values.config.WORKER_ID }}
 {{- if ne $workerId "" }}
@@ -240,7 +338,7 @@ spec:
     {{- toYaml .Values.podSecurityContext | nindent 4 }}
   containers:
     - name: worker
-      image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
+      image: {{ include "noetl-worker.image" . | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
       ports:
         - name: metrics
