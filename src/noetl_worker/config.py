@@ -236,7 +236,7 @@ def _load(env: Env) -> Settings:
     hostname = env.text("HOSTNAME", "") or socket.gethostname() or "unknown"
     log_level = _log_level(env)
     shown_as_given: tuple[str, ...] = ("RUST_LOG", "NOETL_SHARD_ID", "NOETL_SNOWFLAKE_NODE_ID_OFFSET")
-    shown_as_given += ("NOETL_NODE_ID", "NODE_NAME", "NOETL_DATA_DIR")
+    shown_as_given += ("NOETL_NODE_ID", "NODE_NAME", "NOETL_DATA_DIR", "NOETL_MCP_URL")
     sources = tuple((name, env.raw(name)) for name in shown_as_given)
     server_url = _server_url(env, "NOETL_SERVER_URL", "http://localhost:8082")
     return Settings(

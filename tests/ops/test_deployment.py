@@ -327,6 +327,8 @@ SAMPLES = {
     "NOETL_SERVER_DIALECT": "rust",
     "NOETL_EVENT_RESULT_CONTEXT_MAX_BYTES": "2048",
     "NOETL_SEALED_CREDENTIALS": "true",
+    "WORKER_EVENTS_STREAM": "true",
+    "NOETL_MCP_URL": "http://mcp.tools.svc:8000/mcp",
     "NATS_URL": "nats://nats-a:4222,nats://nats-b:4222",
     "NATS_STREAM": "cmds",
     "NATS_CONSUMER": "pool-a",
