@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
+from noetl_worker.config import Settings
 from noetl_worker.tools import resolve
 from noetl_worker.tools.base import ToolContext, ToolResources, ToolResult
 
@@ -133,3 +135,18 @@ async def test_a_child_is_forked_and_waiting_before_the_next_step(ctx: ToolConte
     assert children
     result = await run({"code": "import os\ndef main(): return os.getpid()"}, ctx)
     assert str(result.data) in children
+
+
+async def test_keychain_allowlisted_values_reach_a_step_by_name_only(ctx: ToolContext) -> None:
+    """``NOETL_KEYCHAIN_ENV_VARS`` values reach a python step by their own names, as they reach a
+    shell step; other command secrets (a credential's token) never become variables."""
+    settings = Settings.from_env({"NOETL_KEYCHAIN_ENV_VARS": "PARTNER_KEY"})
+    step_ctx = attrs.evolve(
+        ctx, settings=settings, secrets={"PARTNER_KEY": "pk-123", "bearer_token": "tok-456"}
+    )
+    code = "import os\ndef main():\n    return dict(os.environ)\n"
+    result = await run({"code": code, "env": {"PARTNER_KEY_COPY": "declared"}}, step_ctx)
+    assert result.status == "success", result.error
+    assert result.data["PARTNER_KEY"] == "pk-123"
+    assert result.data["PARTNER_KEY_COPY"] == "declared"
+    assert "tok-456" not in result.data.values() and "bearer_token" not in result.data

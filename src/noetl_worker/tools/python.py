@@ -50,6 +50,7 @@ from typing import Any
 
 import trio
 
+from .. import procs
 from ..errors import ToolConfigError, ToolError
 from ._forkserver import CallCapture, ForkServerHandle
 from .base import ToolContext, ToolResult
@@ -108,28 +109,13 @@ def _resource_key(python: str) -> str:
 
 async def _new_handle(python: str, memory_limit_mb: int) -> ForkServerHandle:
     # The limit is set once on the fork server, which every child inherits.
-    handle = ForkServerHandle(python, memory_limit_mb=memory_limit_mb, env=clean_env())
+    handle = ForkServerHandle(python, memory_limit_mb=memory_limit_mb, env=procs.tool_environment())
     await handle.server()  # start now, so a bad interpreter fails this call, not a later one
     return handle
 
 
 async def _close_handle(handle: ForkServerHandle) -> None:
     await handle.aclose()
-
-
-# What a python child inherits from the worker's environment; nothing else of it (no tokens,
-# passwords or worker configuration). HOME and TMPDIR are a scratch directory per child.
-_KEPT_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ"})
-_KEPT_PREFIXES = ("LC_", "KUBERNETES_SERVICE_")
-
-
-def clean_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The base environment of python children: locale, PATH, timezone, the Kubernetes API
-    address; the step's declared ``env`` is added per call."""
-    source = os.environ if source is None else source
-    env = {k: v for k, v in source.items() if k in _KEPT_NAMES or k.startswith(_KEPT_PREFIXES)}
-    env.setdefault("PATH", os.defpath)
-    return env
 
 
 def _result(capture: CallCapture, duration_ms: int, memory_limit_mb: int) -> ToolResult:
@@ -290,12 +276,15 @@ async def _sys_path(config: Mapping[str, Any]) -> list[str]:
 
 
 def _env(config: Mapping[str, Any], ctx: ToolContext) -> dict[str, str]:
+    """What a call adds to the fork server's clean base environment (``procs.tool_environment``):
+    the keychain-allowlisted values by name, then the step's declared ``env``, which wins."""
+    added = procs.allowlisted(ctx.settings.keychain_env_vars, ctx.secrets)
     env = config.get("env")
     if env is None:
-        return {}
+        return added
     if not isinstance(env, Mapping):
         raise ToolConfigError("python", "env", "expected a mapping of variable name to value")
-    return {str(k): "" if v is None else str(v) for k, v in ctx.render(dict(env)).items()}
+    return {**added, **{str(k): "" if v is None else str(v) for k, v in ctx.render(dict(env)).items()}}
 
 
 def _timeout(config: Mapping[str, Any]) -> float:
