@@ -325,13 +325,7 @@ class PythonDialect:
         extra: tuple[Event, ...],
         warnings: tuple[str, ...],
     ) -> list[Event]:
-        payload = {**self._payload(events, "FAILED", reported), "error": error, **self._loop_payload()}
-        return [
-            events.make("call.error", "FAILED", payload, actionable=True, meta=self._meta()),
-            *extra,
-            *([] if _has_step_exit(extra) else [self._step_exit(events, "FAILED", error)]),
-            self._terminal(events, "command.failed", "FAILED", error, warnings),
-        ]
+        return self._failure(events, reported, error, extra, warnings)
 
     def exception_events(self, events: EventFactory, error: str, error_type: str | None) -> list[Event]:
         payload = {
@@ -358,12 +352,23 @@ class PythonDialect:
         extra: tuple[Event, ...],
         warnings: tuple[str, ...],
     ) -> list[Event]:
-        payload = {**self._payload(events, "FAILED", reported), "error": message, **self._loop_payload()}
+        return self._failure(events, reported, message, extra, warnings)
+
+    def _failure(
+        self,
+        events: EventFactory,
+        reported: Reported | None,
+        error: str,
+        extra: tuple[Event, ...],
+        warnings: tuple[str, ...],
+    ) -> list[Event]:
+        """call.error (the failure as the step's value) → case events → step.exit → command.failed."""
+        payload = {**self._payload(events, "FAILED", reported), "error": error, **self._loop_payload()}
         return [
             events.make("call.error", "FAILED", payload, actionable=True, meta=self._meta()),
             *extra,
-            *([] if _has_step_exit(extra) else [self._step_exit(events, "FAILED", message)]),
-            self._terminal(events, "command.failed", "FAILED", message, warnings),
+            *([] if _has_step_exit(extra) else [self._step_exit(events, "FAILED", error)]),
+            self._terminal(events, "command.failed", "FAILED", error, warnings),
         ]
 
     def _step_exit(self, events: EventFactory, status: str, error: str | None) -> Event:
