@@ -305,6 +305,26 @@ def nats_kv(run: Run, env: Env) -> None:
     assert _done(run, "use")["n_plus_one"] == 18
 
 
+def _refused_by_noetls(run: Run, step: str, text: str) -> None:
+    # noetl's own worker cannot run the step: it ends in call.error naming what is missing
+    assert run.count("call.error", step) >= 1 and run.count("call.done", step) == 0
+    assert text in error_text(run, step), error_text(run, step)
+
+
+def transfer_reference(run: Run, env: Env) -> None:
+    # its transfer tool has postgres, snowflake and http targets only
+    _refused_by_noetls(run, "copy", "Unsupported target type: duckdb")
+
+
+def transfer_ours(run: Run, env: Env) -> None:
+    copy = _done(run, "copy")
+    assert (copy["rows_read"], copy["rows_written"], copy["chunks"]) == (5, 5, 3)
+    # (not `source`: its value "postgres" is also the stack's database password, so it is scrubbed)
+    assert (copy["target"], copy["table"], copy["mode"]) == ("duckdb", "moved", "append")
+    assert copy["duration_ms"] >= 0
+    assert _done(run, "check") == {"written": 5, "read": 5, "chunks": 3} | _ctx(run, "check")
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -374,6 +394,15 @@ CASES: tuple[Case, ...] = (
     ),
     Case("arc_set_ctx", "completed", arc_set_ctx, ran=("start", "high"), not_ran=("low",)),
     Case("nats_kv", "completed", nats_kv, ran=("start", "put", "get", "use")),
+    Case(
+        "transfer_pg_duckdb",
+        "failed",
+        transfer_reference,
+        ran=("prepare",),
+        improvement="`transfer` into duckdb",
+        expect_ours="completed",
+        check_ours=transfer_ours,
+    ),
 )
 
 BY_NAME = {c.name: c for c in CASES}
