@@ -325,6 +325,22 @@ def transfer_ours(run: Run, env: Env) -> None:
     assert _done(run, "check") == {"written": 5, "read": 5, "chunks": 3} | _ctx(run, "check")
 
 
+def result_fetch_reference(run: Run, env: Env) -> None:
+    _refused_by_noetls(run, "fetch", "result_fetch")
+
+
+def result_fetch_ours(run: Run, env: Env) -> None:
+    # the fetched value is as large as the original, so it too is stored by reference
+    reference = run.results("big")[-1]["reference"]
+    fetched = env.stack.resolve(run.results("fetch")[-1]["reference"]["ref"])
+    assert fetched["ref"] == reference["ref"] and fetched["source"] in ("http", "kv")
+    assert len(fetched["data"]["rows"]) == 1500 and fetched["data"]["marker"] == "big-done"
+    last = {"i": 1499, "label": "row-01499", "text": "value 1499 of the large result"}
+    assert fetched["data"]["rows"][-1] == last
+    use = _done(run, "use")
+    assert (use["n"], use["last"], use["source"]) == (1500, "row-01499", fetched["source"])
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -402,6 +418,15 @@ CASES: tuple[Case, ...] = (
         improvement="`transfer` into duckdb",
         expect_ours="completed",
         check_ours=transfer_ours,
+    ),
+    Case(
+        "result_fetch_ref",
+        "failed",
+        result_fetch_reference,
+        ran=("big",),
+        improvement="`result_fetch` kind",
+        expect_ours="completed",
+        check_ours=result_fetch_ours,
     ),
 )
 
