@@ -341,6 +341,15 @@ def result_fetch_ours(run: Run, env: Env) -> None:
     assert (use["n"], use["last"], use["source"]) == (1500, "row-01499", fetched["source"])
 
 
+def mcp_tool_call(run: Run, env: Env) -> None:
+    # (`status` differs: noetl's worker stores `ok`, ours `success`; both are a success)
+    add = _done(run, "add")
+    assert (add["method"], add["tool"], add["text"]) == ("tools/call", "add", "42")
+    assert add["endpoint"] == env.target.mcp_url and add["arguments"] == {"a": 40, "b": 2}
+    assert add["initialize"]["protocolVersion"]
+    assert _done(run, "use") == {"sum": 42} | _ctx(run, "use")
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -427,6 +436,12 @@ CASES: tuple[Case, ...] = (
         improvement="`result_fetch` kind",
         expect_ours="completed",
         check_ours=result_fetch_ours,
+    ),
+    Case(
+        "mcp_tool_call",
+        "completed",
+        mcp_tool_call,
+        ran=("start", "add", "use"),
     ),
 )
 
