@@ -305,6 +305,51 @@ def nats_kv(run: Run, env: Env) -> None:
     assert _done(run, "use")["n_plus_one"] == 18
 
 
+def _refused_by_noetls(run: Run, step: str, text: str) -> None:
+    # noetl's own worker cannot run the step: it ends in call.error naming what is missing
+    assert run.count("call.error", step) >= 1 and run.count("call.done", step) == 0
+    assert text in error_text(run, step), error_text(run, step)
+
+
+def transfer_reference(run: Run, env: Env) -> None:
+    # its transfer tool has postgres, snowflake and http targets only
+    _refused_by_noetls(run, "copy", "Unsupported target type: duckdb")
+
+
+def transfer_ours(run: Run, env: Env) -> None:
+    copy = _done(run, "copy")
+    assert (copy["rows_read"], copy["rows_written"], copy["chunks"]) == (5, 5, 3)
+    # (not `source`: its value "postgres" is also the stack's database password, so it is scrubbed)
+    assert (copy["target"], copy["table"], copy["mode"]) == ("duckdb", "moved", "append")
+    assert copy["duration_ms"] >= 0
+    assert _done(run, "check") == {"written": 5, "read": 5, "chunks": 3} | _ctx(run, "check")
+
+
+def result_fetch_reference(run: Run, env: Env) -> None:
+    _refused_by_noetls(run, "fetch", "result_fetch")
+
+
+def result_fetch_ours(run: Run, env: Env) -> None:
+    # the fetched value is as large as the original, so it too is stored by reference
+    reference = run.results("big")[-1]["reference"]
+    fetched = env.stack.resolve(run.results("fetch")[-1]["reference"]["ref"])
+    assert fetched["ref"] == reference["ref"] and fetched["source"] in ("http", "kv")
+    assert len(fetched["data"]["rows"]) == 1500 and fetched["data"]["marker"] == "big-done"
+    last = {"i": 1499, "label": "row-01499", "text": "value 1499 of the large result"}
+    assert fetched["data"]["rows"][-1] == last
+    use = _done(run, "use")
+    assert (use["n"], use["last"], use["source"]) == (1500, "row-01499", fetched["source"])
+
+
+def mcp_tool_call(run: Run, env: Env) -> None:
+    # (`status` differs: noetl's worker stores `ok`, ours `success`; both are a success)
+    add = _done(run, "add")
+    assert (add["method"], add["tool"], add["text"]) == ("tools/call", "add", "42")
+    assert add["endpoint"] == env.target.mcp_url and add["arguments"] == {"a": 40, "b": 2}
+    assert add["initialize"]["protocolVersion"]
+    assert _done(run, "use") == {"sum": 42} | _ctx(run, "use")
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -374,6 +419,30 @@ CASES: tuple[Case, ...] = (
     ),
     Case("arc_set_ctx", "completed", arc_set_ctx, ran=("start", "high"), not_ran=("low",)),
     Case("nats_kv", "completed", nats_kv, ran=("start", "put", "get", "use")),
+    Case(
+        "transfer_pg_duckdb",
+        "failed",
+        transfer_reference,
+        ran=("prepare",),
+        improvement="`transfer` into duckdb",
+        expect_ours="completed",
+        check_ours=transfer_ours,
+    ),
+    Case(
+        "result_fetch_ref",
+        "failed",
+        result_fetch_reference,
+        ran=("big",),
+        improvement="`result_fetch` kind",
+        expect_ours="completed",
+        check_ours=result_fetch_ours,
+    ),
+    Case(
+        "mcp_tool_call",
+        "completed",
+        mcp_tool_call,
+        ran=("start", "add", "use"),
+    ),
 )
 
 BY_NAME = {c.name: c for c in CASES}

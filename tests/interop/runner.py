@@ -29,6 +29,7 @@ class Runner:
     def payload(self, case: Case, worker: str) -> dict[str, object]:
         return {
             "base_url": self.target.url,
+            "mcp_url": self.target.mcp_url,
             "data_dir": str(self.env(worker).data_dir),
             "nats_url": self.stacks[worker].nats_url,  # the stack's own NATS, for nats steps
             **case.payload,

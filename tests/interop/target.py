@@ -6,6 +6,9 @@ Routes:
 - ``GET /secure``: 200 ``{"authorized": true}`` only with ``Authorization: Bearer <token>``, else 401.
 - ``GET /status/<code>``: answers that status with ``{"code": <code>}``.
 
+Beside it, a real MCP server (``tests/tools/mcp_server.py``, streamable HTTP, its own process):
+``Target.mcp_url``.
+
 Every request's path and ``Authorization`` header are recorded, so a test can prove a credential
 reached the target (and then that it appears nowhere in the server's records).
 """
@@ -14,10 +17,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +38,7 @@ FIXED = {"name": "target", "nested": {"x": 42, "label": "deep"}, "items": [1, 2,
 class Target:
     url: str
     token: str
+    mcp_url: str = ""
     requests: list[tuple[str, str, str | None]] = attrs.field(factory=list)  # (method, path, auth)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -85,6 +94,39 @@ def _handler(target: Target) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+MCP_SERVER = Path(__file__).resolve().parent.parent / "tools" / "mcp_server.py"
+
+
+@contextmanager
+def _mcp_server() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(MCP_SERVER), str(port), "json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the MCP server did not start (exit {proc.poll()})") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @contextmanager
 def open_target() -> Iterator[Target]:
     target = Target(url="", token=f"tok-{secrets.token_hex(12)}")
@@ -94,7 +136,9 @@ def open_target() -> Iterator[Target]:
     thread = threading.Thread(target=server.serve_forever, name="interop-target", daemon=True)
     thread.start()
     try:
-        yield target
+        with _mcp_server() as mcp_url:
+            target.mcp_url = mcp_url
+            yield target
     finally:
         server.shutdown()
         server.server_close()
