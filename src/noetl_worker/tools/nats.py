@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 
 from ..errors import ToolConfigError, ToolError
+from ..retry import NATS_RECONNECT_WAIT
 from . import _fields
 from .base import ToolContext, ToolResult
 
@@ -160,7 +161,7 @@ def _connect_options(target: Target, timeout: float) -> dict[str, Any]:
         "connect_timeout": max(0.5, min(timeout, 5.0)),
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
+        "reconnect_time_wait": NATS_RECONNECT_WAIT,
         "error_cb": error_cb,
     }
     if target.user is not None:
