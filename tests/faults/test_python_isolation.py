@@ -17,7 +17,7 @@ from noetl_worker.tools import resolve
 from noetl_worker.tools.base import ToolContext, ToolResources, ToolResult
 
 from ..conftest import poll_until
-from ..tool_support import make_ctx
+from ..tool_support import make_ctx, process_alive
 
 CANARY = "canary-4f1d9c"
 
@@ -41,17 +41,9 @@ async def run(config: Mapping[str, Any], ctx: ToolContext, limit: float = 20) ->
         return await resolve("python")(config, ctx)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 async def _gone(pid: int) -> None:
     with trio.fail_after(10):
-        await poll_until(lambda: not _alive(pid), 0.02)
+        await poll_until(lambda: not process_alive(pid), 0.02)
 
 
 async def test_a_step_sees_a_clean_environment_not_the_workers(ctx: ToolContext) -> None:

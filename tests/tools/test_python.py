@@ -22,7 +22,7 @@ from noetl_worker.tools import resolve
 from noetl_worker.tools._forkserver import ForkServerHandle
 from noetl_worker.tools.base import ToolContext, ToolResources, ToolResult
 
-from ..tool_support import make_ctx
+from ..tool_support import make_ctx, process_alive
 
 OTHER_PYTHON = os.path.realpath(sys.executable)  # the same interpreter under another path
 VARIABLES: dict[str, Any] = {"workload": {"message": "hi"}, "user": {"id": 7, "tags": ["a"]}}
@@ -42,15 +42,6 @@ async def ctx() -> AsyncIterator[ToolContext]:
 async def run(config: Mapping[str, Any], ctx: ToolContext, limit: float = 20) -> ToolResult:
     with trio.fail_after(limit):
         return await resolve("python")(config, ctx)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` is a live (non-zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def _handle(ctx: ToolContext) -> ForkServerHandle:
@@ -217,10 +208,10 @@ async def test_infinite_loop_is_killed_at_the_deadline_with_no_orphan(
     pids = [int(p) for p in pid_file.read_text().split()]
     # The python child is reaped before run() returns; the grandchild got SIGKILL with its
     # process group (init reaps it, so allow a zombie).
-    assert not _alive(pids[0])
+    assert not process_alive(pids[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)
-    assert not _alive(pids[1])
+    assert not process_alive(pids[1])
     again = await run({"code": "result = 1"}, ctx)
     assert again.data == 1
 
@@ -379,7 +370,7 @@ async def test_closing_resources_stops_the_fork_server(tmp_path: Path) -> None:
         with trio.fail_after(20):
             await resources.aclose()
     assert server.process.returncode is not None
-    assert not _alive(server.process.pid)
+    assert not process_alive(server.process.pid)
 
 
 async def test_other_interpreter_gets_its_own_fork_server(ctx: ToolContext) -> None:
