@@ -8,11 +8,8 @@ by accident.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
@@ -21,18 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_validate() -> ModuleType:
-    if "ops_validate" in sys.modules:
-        return sys.modules["ops_validate"]
-    spec = importlib.util.spec_from_file_location("ops_validate", ROOT / "ops" / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ops_validate"] = module
-    spec.loader.exec_module(module)
-    return module
+from _ops import v  # noqa: E402
 
-
-v = _load_validate()
 SCHEMA = json.loads((v.CHART / "values.schema.json").read_text())
 MI = 1024 * 1024
 

@@ -9,39 +9,22 @@ Kubernetes labels, no relabeling — and every panel's query, with Grafana's var
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from _ops import v
 from tests.conftest import poll_until
 
 from noetl_worker.config import Settings
 from noetl_worker.testing import Publisher, StubServer, open_worker
 from noetl_worker.testing.nats_server import free_port
-
-
-def _load_validate() -> ModuleType:
-    if "ops_validate" in sys.modules:
-        return sys.modules["ops_validate"]
-    path = Path(__file__).resolve().parents[2] / "ops" / "validate.py"
-    spec = importlib.util.spec_from_file_location("ops_validate", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ops_validate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-v = _load_validate()
 
 # Targets that legitimately return nothing here: no task restarted, no notification skipped.
 MAY_BE_EMPTY = {("Supervised task restarts", 0), ("Poison messages and skipped notifications (/s)", 1)}

@@ -7,7 +7,6 @@ only the kubectl-based overlay build skips, visibly, where kubectl is not instal
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -23,16 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_validate() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ops_validate", ROOT / "ops" / "validate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ops_validate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-v = _load_validate()
+from _ops import v  # noqa: E402
 
 KINDS = v.WORKLOAD_KINDS
 POOLS = v.POOLS
