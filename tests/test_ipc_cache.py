@@ -126,14 +126,15 @@ def test_payload_over_budget_is_refused(cache: IpcCache) -> None:
 
 
 def test_sweep_unlinks_expired_entries(cache: IpcCache, clock: FakeClock) -> None:
+    assert cache.empty  # the maintenance loop skips its sweep (and its thread) then
     hint = cache.put(payload(10))
-    assert hint is not None
+    assert hint is not None and not cache.empty
     clock.now += 59
     assert cache.sweep() == 0
     clock.now += 2
     assert cache.sweep() == 1
     assert not (SHM / hint.shm_name).exists()
-    assert cache.used_bytes == 0
+    assert cache.used_bytes == 0 and cache.empty
 
 
 def test_identical_payloads_get_distinct_names(cache: IpcCache) -> None:

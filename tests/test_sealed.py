@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -55,3 +58,29 @@ def test_broken_envelopes_are_refused(change: dict[str, Any], message: str) -> N
 def test_seal_rejects_bad_public_key() -> None:
     with pytest.raises(SealedEnvelopeError, match="public key"):
         seal("AAAA", b"x")
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_the_sealing_key_exists_only_with_sealed_credentials_on(sealed: bool) -> None:
+    """Off (the default): no key pair, registration carries no public key and cryptography is
+    never loaded. On: registration carries the public half of the key credentials are sealed to."""
+    code = f"""
+import json, sys
+from noetl_worker.config import Settings
+from noetl_worker.control_plane import ControlPlane
+from noetl_worker.metrics import Metrics
+from noetl_worker.pipeline import Pipeline
+env = {{"NOETL_SEALED_CREDENTIALS": "{str(sealed).lower()}", "WORKER_ID": "w1"}}
+settings = Settings.from_env(env)
+pipeline = Pipeline.create(settings, Metrics(), environ={{}})
+plane = type("Plane", (), {{"settings": settings}})()
+runtime = ControlPlane.registration(plane, pipeline.public_key_b64)["runtime"]
+print(json.dumps({{"key": runtime.get("worker_public_key"), "crypto": "cryptography" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout)
+    if sealed:
+        assert seen["crypto"] is True
+        assert len(base64.b64decode(seen["key"])) == 32
+    else:
+        assert seen == {"key": None, "crypto": False}

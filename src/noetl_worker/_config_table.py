@@ -155,7 +155,7 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
         "NOETL_SEALED_CREDENTIALS",
         "false",
         "1/true/yes/on, 0/false/no/off",
-        "Fetch credentials sealed to this worker's X25519 key (/api/credentials/{alias}/sealed) instead of in plaintext.",
+        "Fetch credentials sealed to this worker's X25519 key (/api/credentials/{alias}/sealed) instead of in plaintext. The X25519 key pair is made at start, and its public half registered, only when this is on.",
     ),
     (
         "NATS JetStream",

@@ -1,7 +1,10 @@
-"""The only module that speaks the NoETL server's HTTP API (httpx on trio).
+"""The only module that speaks the NoETL server's HTTP API.
 
-- One ``httpx.AsyncClient`` for the process (httpx pools per origin), keep-alive sized to the
-  concurrency; JSON is encoded once by us and sent as bytes.
+- The requests every worker makes all the time — claims, event batches, registration,
+  heartbeats — take the lean keep-alive HTTP/1.1 path of ``_wire``; the rest (credentials,
+  result storage, anything with query parameters) goes through one ``httpx.AsyncClient`` for
+  the process, opened on first use, keep-alive sized to the concurrency. JSON is encoded once
+  by us and sent as bytes.
 - Every request has a *total* trio deadline (httpx timeouts are per I/O operation).
 - Retries only where they can help: transport errors, 408, 425, 429, 5xx — honouring
   ``Retry-After`` (seconds or an HTTP date) — on the schedule of ``retry.RetryPolicy`` (capped
@@ -150,11 +153,16 @@ class ServerNotAllowed(ControlPlaneError):
 
 @attrs.define(eq=False)
 class ControlPlane:
-    client: httpx.AsyncClient
     settings: Settings
     metrics: Metrics
-    # The lean keep-alive path for the two requests every command makes (claim, events).
+    # The lean keep-alive path for the requests a worker makes all the time: claims, events,
+    # registration and heartbeats. An idle worker makes only those.
     wire: Wire = attrs.field(factory=Wire)
+    headers: dict[str, str] = attrs.field(factory=dict)
+    pool_size: int = 8
+    # httpx for everything else (credentials, results, parameters), opened on first use: its
+    # TLS context alone (the CA bundle) is ~2.4 MiB of resident memory an idle worker never uses.
+    _client: httpx.AsyncClient | None = None
     # Servers that answered 404/405 to /api/events/batch: single events from then on.
     _no_batch: set[str] = attrs.field(factory=set)
     _allowed_bases: set[str] = attrs.field(factory=set)
@@ -166,19 +174,29 @@ class ControlPlane:
         headers = {"user-agent": "noetl-worker-py", "content-type": "application/json"}
         if settings.internal_api_token:
             headers["authorization"] = f"Bearer {settings.internal_api_token}"
-        client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=5.0),
-            limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=30),
-            follow_redirects=False,
-        )
         wire = Wire(headers=[(k.encode(), v.encode()) for k, v in headers.items()], max_idle=size)
+        plane = cls(settings, metrics, wire, headers, size)
         try:
-            yield cls(client, settings, metrics, wire)
+            yield plane
         finally:
             with trio.CancelScope(shield=True):
                 await wire.aclose()
-                await client.aclose()
+                if plane._client is not None:
+                    await plane._client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            size = self.pool_size
+            self._client = httpx.AsyncClient(
+                headers=self.headers,
+                timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=5.0),
+                limits=httpx.Limits(
+                    max_connections=size, max_keepalive_connections=size, keepalive_expiry=30
+                ),
+                follow_redirects=False,
+            )
+        return self._client
 
     def base(self, server_url: str | None) -> str:
         return normalize_server_url(server_url) if server_url else self.settings.server_url
@@ -407,20 +425,24 @@ class ControlPlane:
         }
 
     async def register(self, public_key_b64: str | None = None) -> None:
-        await self.call("POST", None, "/api/worker/pool/register", body=self.registration(public_key_b64))
+        await self.call(
+            "POST", None, "/api/worker/pool/register", body=self.registration(public_key_b64), hot=True
+        )
 
     async def heartbeat(self) -> None:
-        await self.call("POST", None, "/api/worker/pool/heartbeat", body={"name": self.settings.worker_id})
+        await self.call(
+            "POST", None, "/api/worker/pool/heartbeat", body={"name": self.settings.worker_id}, hot=True
+        )
 
     async def deregister(self) -> None:
         body = {"name": self.settings.worker_id, "component_type": "worker_pool"}
         try:
-            await self.call("POST", None, "/api/worker/pool/deregister", body=body)
+            await self.call("POST", None, "/api/worker/pool/deregister", body=body, hot=True)
         except HTTPStatusError as exc:
             if exc.status != 405:
                 raise
             # The Rust server only routes DELETE.
-            await self.call("DELETE", None, "/api/worker/pool/deregister", body=body)
+            await self.call("DELETE", None, "/api/worker/pool/deregister", body=body, hot=True)
 
     def server_api(self, server_url: str | None) -> BoundServer:
         return BoundServer(self, self.base(server_url))

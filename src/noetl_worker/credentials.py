@@ -17,14 +17,16 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import attrs
 
 from .errors import ControlPlaneError, CredentialError, HTTPStatusError, TransportError
-from .sealed import SealedEnvelopeError, SealingKey, open_envelope
 from .tools.base import ServerAPI
+
+if TYPE_CHECKING:  # the sealed module loads cryptography (~8 MiB): only on a sealed fetch
+    from .sealed import SealingKey
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ async def fetch_credential(
         raise _classify(alias, exc, attempts, "credential") from exc
     if sealed:
         assert sealing is not None
+        from .sealed import SealedEnvelopeError, open_envelope
+
         try:
             plaintext = bytearray(open_envelope(sealing, answer))
         except SealedEnvelopeError as exc:

@@ -216,6 +216,7 @@ class Runtime:
     ack_wait: Callable[[], float] = lambda: 30.0
     dialects: Dialects = attrs.field(factory=lambda: Dialects("python"))
     running: set[int] = attrs.field(factory=set)  # event ids of commands running in this process
+    started: int = 0  # commands started in this process so far
     # The operator event stream (GET /events); a no-op unless WORKER_EVENTS_STREAM is on.
     lifecycle: LifecycleSink = attrs.field(factory=NoLifecycle)
 

@@ -235,6 +235,11 @@ class IpcCache:
         with self._lock:
             return list(self._entries)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing staged (a dict's truth value is read atomically; no lock needed)."""
+        return not self._entries
+
     def put(self, payload: EncodedPayload) -> IpcHint | None:
         """Stage ``payload``; None (logged) when it cannot be: too large, empty, no shm."""
         size = len(payload.data)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -31,8 +31,10 @@ from .metrics import Metrics
 from .results import build_call_done_result, resolve_envelopes, resolve_render_references
 from .retry import CREDENTIAL_RETRY
 from .scrub import Scrubber
-from .sealed import SealingKey
 from .tools.base import ToolContext, ToolResult
+
+if TYPE_CHECKING:  # cryptography (~8 MiB resident) is loaded only with sealed credentials on
+    from .sealed import SealingKey
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,11 @@ def _case_view(result: ToolResult) -> Any:
     return data
 
 
-def worker_scrubber(settings: Settings, keychain: Mapping[str, str], sealing: SealingKey) -> Scrubber:
+def worker_scrubber(settings: Settings, keychain: Mapping[str, str], sealing: SealingKey | None) -> Scrubber:
     """The worker's own secrets (NATS password, API token, sealing key) and the keychain values."""
     own = [settings.nats.password or "", settings.internal_api_token or "", *keychain.values()]
-    return Scrubber.create(own, forms=scrub.bytes_forms(sealing.secret_bytes()))
+    forms: set[str] = scrub.bytes_forms(sealing.secret_bytes()) if sealing is not None else set()
+    return Scrubber.create(own, forms=forms)
 
 
 @attrs.define(eq=False)
@@ -61,7 +64,7 @@ class Pipeline:
     metrics: Metrics
     keychain: dict[str, str]
     scrubber: Scrubber
-    sealing: SealingKey
+    sealing: SealingKey | None  # only with NOETL_SEALED_CREDENTIALS on
     ipc: IpcCache | None
 
     @classmethod
@@ -76,14 +79,21 @@ class Pipeline:
             ipc = IpcCache(
                 settings.ipc_cache_budget_bytes, node_id=settings.ipc_node_id, producer=settings.hostname
             )
-        sealing = SealingKey.generate()
+        sealing = None
+        if settings.sealed_credentials:
+            # The key pair exists only when credentials are delivered sealed: registration then
+            # carries its public half. Without it there is no key to leak, and cryptography
+            # (~8 MiB resident) is never loaded.
+            from .sealed import SealingKey
+
+            sealing = SealingKey.generate()
         scrubber = worker_scrubber(settings, keychain, sealing)
         scrub.set_process_scrubber(scrubber)
         return cls(settings, metrics, keychain, scrubber, sealing, ipc)
 
     @property
-    def public_key_b64(self) -> str:
-        return self.sealing.public_key_b64()
+    def public_key_b64(self) -> str | None:
+        return self.sealing.public_key_b64() if self.sealing is not None else None
 
     async def prepare(self, command: Command, ctx: ToolContext) -> tuple[dict[str, Any], ToolContext]:
         context = await resolve_envelopes(command.context, ctx.server)
@@ -141,7 +151,7 @@ class Pipeline:
                     server=ctx.server,
                     execution_id=command.execution_id,
                     attempts=command.attempts,
-                    sealing=self.sealing if self.settings.sealed_credentials else None,
+                    sealing=self.sealing,
                     worker_id=self.settings.worker_id,
                 )
             except CredentialError as exc:
@@ -223,7 +233,8 @@ class Pipeline:
             log.info("removed %d expired shared-memory result(s) left by an earlier process", removed)
         while True:
             await trio.sleep(SWEEP_INTERVAL)
-            await trio.to_thread.run_sync(ipc.sweep)
+            if not ipc.empty:  # an idle worker starts no thread (unlinking may block: a thread)
+                await trio.to_thread.run_sync(ipc.sweep)
 
     async def aclose(self) -> None:
         if self.ipc is not None:

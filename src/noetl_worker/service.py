@@ -26,7 +26,7 @@ import attrs
 import trio
 import trio_asyncio
 
-from . import __version__, procs
+from . import __version__, memory, procs
 from .bus import Bus, Message, install_exception_handler
 from .config import Settings
 from .control_plane import ControlPlane
@@ -52,6 +52,7 @@ MAX_BURST = 64
 # running command it counts as alive; only a stuck loop or slots held by nothing trips it.
 INTAKE_STALL_BOUND = 60.0
 SLOT_WAIT_TICK = 5.0
+HEALTH_MAX_BYTES = 64 * 1024  # a health answer is a few hundred bytes; the probe reads no more
 
 
 @attrs.define(eq=False)
@@ -107,7 +108,9 @@ async def supervise(name: str, fn: Callable[[], Awaitable[None]], metrics: Metri
 
 async def _health(plane: Any, server_url: str) -> tuple[int, bytes]:
     """``GET /api/health`` for the dialect probe (one attempt; the probe decides what a failure means)."""
-    response = await plane.request("GET", server_url, HEALTH_PATH, timeout=PROBE_TIMEOUT)
+    response = await plane.request(
+        "GET", server_url, HEALTH_PATH, timeout=PROBE_TIMEOUT, hot=True, max_body=HEALTH_MAX_BYTES
+    )
     return response.status, response.body
 
 
@@ -218,6 +221,12 @@ async def _run_tree(
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
             procs.launcher()  # started now, so the first shell step does not wait for it
+            background.start_soon(
+                supervise,
+                "memory-trim",
+                lambda: memory.trim_when_quiet(lambda: rt.started, lambda: len(rt.running)),
+                metrics,
+            )
             if procs.is_reaper():  # PID 1 or a subreaper: adopted orphans' zombies are ours
                 background.start_soon(supervise, "reaper", procs.reap_adopted, metrics)
             maintain = getattr(rt.hooks, "maintain", None)
@@ -508,6 +517,7 @@ async def _admit(
 
     # No await between these two lines: the task owns the token from here on.
     rt.running.add(note.event_id)
+    rt.started += 1
     execution.start_soon(task)
     return True
 

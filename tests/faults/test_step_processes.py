@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 import attrs
 import pytest
@@ -186,3 +188,34 @@ async def test_processes_of_a_step_init_killed_from_outside_are_killed_too() -> 
         result = await shell.run(step(command, marker), make_ctx())
         assert result.status == "error"
         await poll_until(lambda: not marked_processes(marker))
+
+
+@pytest.mark.parametrize("children_lists", [True, False], ids=["children lists", "process-table scan"])
+def test_the_reaper_reaps_a_zombie_only_at_its_second_sweep(
+    children_lists: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zombie child is left to whoever started it for one sweep, then reaped — found through
+    the kernel's children lists, or (kernels without them) by scanning the process table."""
+    if not children_lists:
+        monkeypatch.setattr(procs, "_own_children", lambda: None)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        poll_until_sync(lambda: pid in procs._zombie_children())
+        seen = procs.reap_once(set())
+        assert pid in seen and os.path.exists(f"/proc/{pid}")  # first sweep: only noted
+        procs.reap_once(seen)
+        assert not os.path.exists(f"/proc/{pid}")  # second sweep: reaped
+    finally:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def poll_until_sync(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
