@@ -23,8 +23,21 @@ def interop_target() -> Iterator[Target]:
         yield target
 
 
+def _selected(session: pytest.Session) -> tuple[Case, ...]:
+    """The cases of this module's tests the session will run, in CASES order."""
+    names = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        callspec = getattr(item, "callspec", None)
+        if module is not None and module.__name__ == __name__ and callspec and "case" in callspec.params:
+            names.add(callspec.params["case"].name)
+    return tuple(c for c in CASES if c.name in names)
+
+
 @pytest.fixture(scope="session")
-def interop_runner(interop_stacks: dict[str, Stack], interop_target: Target) -> Iterator[Runner]:
+def interop_runner(
+    request: pytest.FixtureRequest, interop_stacks: dict[str, Stack], interop_target: Target
+) -> Iterator[Runner]:
     for stack in interop_stacks.values():
         stack.create_credential(
             "interop_pg",
@@ -38,7 +51,7 @@ def interop_runner(interop_stacks: dict[str, Stack], interop_target: Target) -> 
             },
         )
         stack.create_credential("interop_bearer", "bearer", {"token": interop_target.token})
-    runner = Runner(stacks=interop_stacks, target=interop_target)
+    runner = Runner(stacks=interop_stacks, target=interop_target, cases=_selected(request.session))
     yield runner
     runner.close()
 
