@@ -32,6 +32,7 @@ class Runner:
         return {
             "base_url": self.target.url,
             "mcp_url": self.target.mcp_url,
+            "ws_url": self.target.ws_url,
             "data_dir": str(self.env(worker).data_dir),
             "nats_url": self.stacks[worker].nats_url,  # the stack's own NATS, for nats steps
             **case.payload,
