@@ -9,6 +9,9 @@ prints with ``--json``:
   (bursts of 500 at concurrency 16), paced 20/s, idle;
 - ``python``      bench/python_tool.py: a trivial python step through the tool, warm;
 - ``result``      bench/result_reference.py: a 50 MB tabular result, scrub + PUT + shared memory;
+- ``transfer``    bench/transfer.py: the transfer tool moving 1,000,000 rows from PostgreSQL
+  (``NOETL_TEST_PG_DSN``, default the local trust one) into DuckDB — rows/s and peak RSS, no
+  target;
 - ``real_server`` bench/real_server.py, when present: ours and noetl's own worker on the real
   NoETL server.
 
@@ -148,6 +151,29 @@ BENCHES = (
                 lambda o: o["rss_above_input_mib"],
                 "≤ 2x JSON",
                 lambda v, o: v <= 2 * o["json_mib"],
+                "MiB",
+            ),
+        ),
+    ),
+    Bench(
+        "transfer",
+        "transfer.py",
+        ("--rows", "1000000"),
+        ("--rows", "2000", "--chunk", "500"),
+        (
+            Check(
+                "transfer 1M rows postgres → duckdb",
+                lambda o: o["rows_per_s"],
+                "-",
+                lambda v, o: True,
+                "rows/s",
+            ),
+            Check("  wall", lambda o: o["wall_s"], "-", lambda v, o: True, "s"),
+            Check(
+                "  peak RSS above the start",
+                lambda o: o["rss_above_start_mib"],
+                "-",
+                lambda v, o: True,
                 "MiB",
             ),
         ),

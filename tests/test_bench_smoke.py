@@ -24,6 +24,7 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
         "throughput",
         "python",
         "result",
+        "transfer",
     ]
     with trio.fail_after(900):
         done = await trio.run_process(
@@ -38,5 +39,15 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
     assert results["throughput"]["steady_n"] > 0
     assert results["python"]["spaced"]["p50_ms"] > 0
     assert results["result"]["json_mib"] > 0 and results["result"]["cpu_s"] > 0
-    for label in ("burst: worker / naive loop CPU", "trivial step, warm, p50", "50 MB tabular result, wall"):
+    transfer = results["transfer"]
+    assert (transfer["rows"], transfer["chunks"]) == (2000, 4) and transfer["rows_per_s"] > 0
+    assert transfer["rss_peak_mib"] >= transfer["rss_start_mib"] > 0
+    labels = (
+        "burst: worker / naive loop CPU",
+        "trivial step, warm, p50",
+        "50 MB tabular result, wall",
+        "transfer 1M rows postgres → duckdb",
+        "  peak RSS above the start",
+    )
+    for label in labels:
         assert any(line.startswith(label) for line in table), label

@@ -1,5 +1,8 @@
-"""The nats, result_fetch, artifact, transfer and websocket kinds end to end: NATS notification →
-claim → tool → events on the stub server, with the real worker tree (both dialects)."""
+"""The nats, result_fetch, artifact, transfer, websocket and mcp kinds end to end: NATS
+notification → claim → tool → events on the stub server, with the real worker tree (both
+dialects). The websocket peer is a trio-websocket echo server in this process; the MCP server is
+the real one of ``tests/tools/mcp_server.py`` (the ``mcp`` package, streamable HTTP) in its own
+process."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from noetl_worker.config import Settings
 from noetl_worker.testing import Publisher, StubServer, StubState
 
-from .support import FLAVORS, failure, make_stub_state, run_commands, value
+from ..tools.mcp_support import open_mcp_server
+from .support import FLAVORS, failure, make_stub_state, run_commands, tool_error, value
 
 MakeSettings = Callable[..., Settings]
 
@@ -41,9 +45,20 @@ async def ws_url() -> AsyncIterator[str]:
         nursery.cancel_scope.cancel()
 
 
+@pytest.fixture
+async def mcp_url() -> AsyncIterator[str]:
+    async with open_mcp_server("sse") as url:
+        yield url
+
+
 @pytest.mark.parametrize("stub_state", FLAVORS, indirect=True)
 async def test_new_kinds_through_the_worker(
-    stub: StubServer, publisher: Publisher, make_settings: MakeSettings, ws_url: str, tmp_path: Path
+    stub: StubServer,
+    publisher: Publisher,
+    make_settings: MakeSettings,
+    ws_url: str,
+    mcp_url: str,
+    tmp_path: Path,
 ) -> None:
     state = stub.state
     db = str(tmp_path / "e2e.duckdb")
@@ -76,7 +91,17 @@ async def test_new_kinds_through_the_worker(
         tool_kind="websocket",
         tool_config={"url": ws_url, "send": ["a", "b"], "receive": 2},
     )
-    commands = [put, fetch, refused, move, talk]
+    ask = state.enqueue_command(
+        step="ask",
+        tool_kind="mcp",
+        tool_config={"endpoint": mcp_url, "tool": "greet", "arguments": {"name": "ada"}},
+    )
+    unknown = state.enqueue_command(
+        step="unknown",
+        tool_kind="mcp",
+        tool_config={"endpoint": mcp_url, "tool": "no_such_tool", "arguments": {}},
+    )
+    commands = [put, fetch, refused, move, talk, ask, unknown]
     with trio.fail_after(60):
         await run_commands(stub, publisher, make_settings(WORKER_MAX_CONCURRENT="1"), commands)
 
@@ -86,5 +111,13 @@ async def test_new_kinds_through_the_worker(
     moved = value(state, move)
     assert (moved["rows_read"], moved["rows_written"], moved["chunks"]) == (25, 25, 3)
     assert value(state, talk)["messages"] == ["echo:a", "echo:b"]
+    asked = value(state, ask)
+    assert (asked["method"], asked["tool"], asked["text"]) == ("tools/call", "greet", "hello ada")
+    assert asked["initialize"]["serverInfo"]["name"] == "noetl-test"
+    # the server's answer (a tool result with isError) is the step's failure, in its words
+    status, envelope = tool_error(state, unknown)
+    assert status == "error"
+    assert envelope["error"] == "mcp tools/call no_such_tool: Unknown tool: no_such_tool"
+    assert envelope["data"]["result"]["isError"] is True
     with duckdb.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM dst").fetchone() == (25,)

@@ -350,6 +350,26 @@ def mcp_tool_call(run: Run, env: Env) -> None:
     assert _done(run, "use") == {"sum": 42} | _ctx(run, "use")
 
 
+def websocket_echo_reference(run: Run, env: Env) -> None:
+    # the sequence's one task is a kind noetl's own worker does not have: it never connects
+    _refused_by_noetls(run, "talk:task_sequence", "Tool kind 'websocket' not implemented")
+    with env.target.lock:
+        assert not any(str(run.execution_id) in str(m) for m in env.target.ws_messages)
+
+
+def websocket_echo_ours(run: Run, env: Env) -> None:
+    seq = run.results("talk:task_sequence")[-1]
+    assert seq["status"] == "ok"
+    hello = f"hello {run.execution_id}"
+    # the server keeps the scalar fields of the sequence's `_prev` (the websocket task's result)
+    assert (seq["_prev"]["count"], seq["_prev"]["close_code"]) == (2, None)
+    # the echo server received both, the JSON value as JSON text; the next step read both back
+    with env.target.lock:
+        received = list(env.target.ws_messages)
+    assert received.count(hello) == 1 and '{"n":7}' in received, received
+    assert _done(run, "use") == {"first": hello, "n": 7, "count": 2} | _ctx(run, "use")
+
+
 # ---- the cases -------------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -442,6 +462,15 @@ CASES: tuple[Case, ...] = (
         "completed",
         mcp_tool_call,
         ran=("start", "add", "use"),
+    ),
+    Case(
+        "websocket_echo",
+        "failed",
+        websocket_echo_reference,
+        ran=("start", "talk:task_sequence", "use"),
+        improvement="`websocket` kind (in a task sequence)",
+        expect_ours="completed",
+        check_ours=websocket_echo_ours,
     ),
 )
 

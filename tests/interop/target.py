@@ -7,7 +7,9 @@ Routes:
 - ``GET /status/<code>``: answers that status with ``{"code": <code>}``.
 
 Beside it, a real MCP server (``tests/tools/mcp_server.py``, streamable HTTP, its own process):
-``Target.mcp_url``.
+``Target.mcp_url``; and a websocket echo server (trio-websocket, a thread of the test process
+running its own trio loop): ``Target.ws_url`` sends every message back as it came and records it
+in ``Target.ws_messages``.
 
 Every request's path and ``Authorization`` header are recorded, so a test can prove a credential
 reached the target (and then that it appears nowhere in the server's records).
@@ -16,6 +18,7 @@ reached the target (and then that it appears nowhere in the server's records).
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import socket
 import subprocess
@@ -30,6 +33,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 FIXED = {"name": "target", "nested": {"x": 42, "label": "deep"}, "items": [1, 2, 3], "ok": True}
 
@@ -39,7 +44,9 @@ class Target:
     url: str
     token: str
     mcp_url: str = ""
+    ws_url: str = ""
     requests: list[tuple[str, str, str | None]] = attrs.field(factory=list)  # (method, path, auth)
+    ws_messages: list[str | bytes] = attrs.field(factory=list)  # what the echo server received
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def seen(self, path: str) -> list[tuple[str, str, str | None]]:
@@ -127,6 +134,52 @@ def _mcp_server() -> Iterator[str]:
             proc.kill()
 
 
+_WsStarted = tuple[int, trio.lowlevel.TrioToken, trio.Event]
+
+
+async def _serve_websocket(target: Target, started: queue.Queue[_WsStarted | BaseException]) -> None:
+    async def echo(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                message = await ws.get_message()
+                with target.lock:
+                    target.ws_messages.append(message)
+                await ws.send_message(message)
+        except ConnectionClosed:
+            pass
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, echo, "127.0.0.1", 0, None)
+        started.put((server.port, trio.lowlevel.current_trio_token(), stop))
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def _websocket_server(target: Target) -> Iterator[str]:
+    started: queue.Queue[_WsStarted | BaseException] = queue.Queue()
+
+    def run() -> None:
+        try:
+            trio.run(_serve_websocket, target, started)
+        except BaseException as exc:  # reported to the waiting test thread
+            started.put(exc)
+
+    thread = threading.Thread(target=run, name="interop-websocket", daemon=True)
+    thread.start()
+    first = started.get(timeout=30)
+    if isinstance(first, BaseException):
+        raise RuntimeError(f"the websocket echo server did not start: {first!r}") from first
+    port, token, stop = first
+    try:
+        yield f"ws://127.0.0.1:{port}/"
+    finally:
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout=10)
+
+
 @contextmanager
 def open_target() -> Iterator[Target]:
     target = Target(url="", token=f"tok-{secrets.token_hex(12)}")
@@ -136,8 +189,9 @@ def open_target() -> Iterator[Target]:
     thread = threading.Thread(target=server.serve_forever, name="interop-target", daemon=True)
     thread.start()
     try:
-        with _mcp_server() as mcp_url:
+        with _mcp_server() as mcp_url, _websocket_server(target) as ws_url:
             target.mcp_url = mcp_url
+            target.ws_url = ws_url
             yield target
     finally:
         server.shutdown()

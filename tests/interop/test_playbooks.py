@@ -23,8 +23,21 @@ def interop_target() -> Iterator[Target]:
         yield target
 
 
+def _selected(session: pytest.Session) -> tuple[Case, ...]:
+    """The cases of this module's tests the session will run, in CASES order."""
+    names = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        callspec = getattr(item, "callspec", None)
+        if module is not None and module.__name__ == __name__ and callspec and "case" in callspec.params:
+            names.add(callspec.params["case"].name)
+    return tuple(c for c in CASES if c.name in names)
+
+
 @pytest.fixture(scope="session")
-def interop_runner(interop_stacks: dict[str, Stack], interop_target: Target) -> Iterator[Runner]:
+def interop_runner(
+    request: pytest.FixtureRequest, interop_stacks: dict[str, Stack], interop_target: Target
+) -> Iterator[Runner]:
     for stack in interop_stacks.values():
         stack.create_credential(
             "interop_pg",
@@ -38,7 +51,7 @@ def interop_runner(interop_stacks: dict[str, Stack], interop_target: Target) -> 
             },
         )
         stack.create_credential("interop_bearer", "bearer", {"token": interop_target.token})
-    runner = Runner(stacks=interop_stacks, target=interop_target)
+    runner = Runner(stacks=interop_stacks, target=interop_target, cases=_selected(request.session))
     yield runner
     runner.close()
 
@@ -76,3 +89,36 @@ def test_our_worker(case: Case, interop_runner: Runner) -> None:
         assert_case(case, ours, interop_runner.env("ours"), ours=True)
         assert diff.same, f"differs from noetl's worker: {diff.describe()}"
     row.ours_ok = True
+
+
+# A one-tool step of a kind the server's playbook schema does not list (its ``ToolSpec.kind``).
+_WEBSOCKET_TOOL_BLOCK = """\
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata:
+  name: websocket_tool_block
+  path: interop/websocket_tool_block
+workflow:
+  - step: talk
+    tool: {kind: websocket, url: "ws://127.0.0.1:1/", send: hi, receive: 1}
+    next:
+      arcs:
+        - step: end
+  - step: end
+    tool: {kind: noop}
+"""
+
+
+def test_a_websocket_tool_block_is_refused_at_registration(interop_stacks: dict[str, Stack]) -> None:
+    """The real server refuses ``tool: {kind: websocket}`` when the playbook is registered (so
+    nothing reaches a worker); the same task inside a list-form ``tool:`` is accepted and run
+    (case ``websocket_echo``)."""
+    answer = interop_stacks["noetl"].http.post(
+        "/api/catalog/register", json={"content": _WEBSOCKET_TOOL_BLOCK, "resource_type": "Playbook"}
+    )
+    assert answer.status_code == 422, answer.text
+    message = answer.json()["detail"]
+    assert "is not a valid playbook: workflow.0.tool.ToolSpec.kind: Input should be 'http'" in message, (
+        message
+    )
+    assert "workflow.0.tool.list[dict[str,any]]: Input should be a valid list" in message, message

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,46 +14,13 @@ from noetl_worker.tools import mcp
 from noetl_worker.tools.base import ToolResources, ToolResult
 
 from ..tool_support import make_ctx
-
-SERVER = Path(__file__).with_name("mcp_server.py")
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
-
-
-async def _start(mode: str) -> tuple[trio.Process, str]:
-    """The server in its own process: it is asyncio (uvicorn) code, and this test runs trio."""
-    port = free_port()
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, str(SERVER), str(port), mode], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    with trio.fail_after(60):
-        while not await _accepts(port):
-            if proc.poll() is not None:
-                raise RuntimeError(f"MCP test server exited with {proc.returncode}")
-            await trio.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}/mcp"
-
-
-async def _stop(proc: trio.Process) -> None:
-    proc.terminate()
-    with trio.fail_after(10):
-        await proc.wait()
+from .mcp_support import open_mcp_server
 
 
 @pytest.fixture(params=["sse", "json"])
 async def endpoint(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    proc, url = await _start(request.param)
-    try:
+    async with open_mcp_server(request.param) as url:
         yield url
-    finally:
-        await _stop(proc)
 
 
 @pytest.fixture
@@ -103,17 +67,13 @@ async def test_health_and_unknown_methods(endpoint: str, resources: ToolResource
 
 
 async def test_a_forgotten_session_is_initialized_again(resources: ToolResources) -> None:
-    proc, url = await _start("sse")
-    try:
-        assert (await call(resources, endpoint=url, tool="add", arguments={"a": 1, "b": 1})).data[
-            "text"
-        ] == "2"
+    async with open_mcp_server("sse") as url:
+        first = await call(resources, endpoint=url, tool="add", arguments={"a": 1, "b": 1})
+        assert first.data["text"] == "2"
         sessions = await resources.get_or_create("mcp.sessions", mcp._new_sessions)
         sessions.get(url).session_id = "0" * 32  # what a restarted server would not know
         again = await call(resources, endpoint=url, tool="add", arguments={"a": 1, "b": 2})
         assert again.status == "success" and again.data["text"] == "3"
-    finally:
-        await _stop(proc)
 
 
 async def test_no_server_is_an_error_result(resources: ToolResources) -> None:
