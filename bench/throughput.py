@@ -196,26 +196,19 @@ async def run(args: argparse.Namespace) -> None:
             out["naive_rss_mib"] = rss_mib(bare.pid)
         out["peak_rss_mib"] = hwm_mib(pid)
 
-        # (c) steady rate
+        # (c) steady rate: the worker, then the naive loop (its paced/burst ratio is the
+        # machine's own price of waking up for every command)
         steady_n = max(1, int(args.rate * args.steady))
-        steady = enqueue(state, steady_n)
-        published_at: dict[str, float] = {}
-        start = trio.current_time()
-        cpu0 = cpu_seconds(pid)
-        for i, c in enumerate(steady):
-            await trio.sleep_until(start + i / args.rate)
-            published_at[f"/api/commands/{c.event_id}/claim"] = time.monotonic()
-            await pub.publish(WORKER_SUBJECT, note(c))
-        await state.wait_terminal(steady, timeout=60)
-        cpu1 = cpu_seconds(pid)
-        claims = {r.path: r.received_at for r in state.request_log if r.path in published_at}
-        latencies = [1000 * (claims[p] - t) for p, t in published_at.items() if p in claims]
-        out["steady_n"] = len(latencies)
-        out["steady_p50_ms"] = percentile(latencies, 50)
-        out["steady_p99_ms"] = percentile(latencies, 99)
-        out["steady_mean_ms"] = statistics.fmean(latencies)
-        out["steady_cpu_ms_per_cmd"] = 1000 * (cpu1 - cpu0) / steady_n
+        lat, cpu_ms = await steady(pub, state, note, WORKER_SUBJECT, pid, steady_n, args.rate)
+        out["steady_n"] = len(lat)
+        out["steady_p50_ms"] = percentile(lat, 50)
+        out["steady_p99_ms"] = percentile(lat, 99)
+        out["steady_mean_ms"] = statistics.fmean(lat) if lat else float("nan")
+        out["steady_cpu_ms_per_cmd"] = cpu_ms
         out["steady_load"] = os.getloadavg()[0]
+        if bare is not None:
+            _lat, naive_ms = await steady(pub, state, note, pub.subject, bare.pid, steady_n, args.rate)
+            out["naive_steady_cpu_ms_per_cmd"] = naive_ms
 
         stopping = time.monotonic()
         worker.terminate()
@@ -228,6 +221,26 @@ async def run(args: argparse.Namespace) -> None:
         nursery.cancel_scope.cancel()
     out["load_average"] = os.getloadavg()[0]
     report(args, out)
+
+
+async def steady(
+    pub: Any, state: StubState, note: Any, subject: str, pid: int, n: int, rate: float
+) -> tuple[list[float], float]:
+    """n commands published one by one at ``rate``/s: publish→claim latencies (ms) and the
+    process's CPU ms per command."""
+    commands = enqueue(state, n)
+    published_at: dict[str, float] = {}
+    start = trio.current_time()
+    cpu0 = cpu_seconds(pid)
+    for i, c in enumerate(commands):
+        await trio.sleep_until(start + i / rate)
+        published_at[f"/api/commands/{c.event_id}/claim"] = time.monotonic()
+        await pub.publish(subject, note(c))
+    await state.wait_terminal(commands, timeout=60)
+    cpu1 = cpu_seconds(pid)
+    claims = {r.path: r.received_at for r in state.request_log if r.path in published_at}
+    latencies = [1000 * (claims[p] - t) for p, t in published_at.items() if p in claims]
+    return latencies, 1000 * (cpu1 - cpu0) / n
 
 
 def partial_process(command: list[str], env: dict[str, str]) -> Any:
@@ -273,6 +286,12 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"{out['steady_mean_ms']:.2f} ms; worker CPU {out['steady_cpu_ms_per_cmd']:.2f} ms/cmd "
         f"(load {out['steady_load']:.2f})"
     )
+    if "naive_steady_cpu_ms_per_cmd" in out:
+        paced, burst = out["naive_steady_cpu_ms_per_cmd"], out["naive_cpu_ms_per_cmd"]
+        print(
+            f"    naive loop paced: {paced:.2f} ms/cmd ({paced / burst:.2f} x its burst); "
+            f"worker paced {out['steady_cpu_ms_per_cmd'] / out['burst_cpu_ms_per_cmd']:.2f} x its burst"
+        )
     print(f"worker exit code after SIGTERM: {out['worker_exit']} (after {out['worker_exit_s']:.2f}s)")
     if args.json:
         print(json.dumps(out, sort_keys=True))

@@ -4,16 +4,23 @@ nats-py is asyncio code; every call crosses the trio-asyncio bridge here (``aio_
 rest of the worker sees a small trio API and only ``BusError``. Must be used inside
 ``trio_asyncio.open_loop()`` (``service.serve`` opens it at the root).
 
-Pitfalls handled here (nats-py under trio-asyncio): an empty fetch raises a timeout instead of
-returning ``[]``; a fetch in flight during an outage only fails at its own timeout, so fetches are
-short and watched by a trio deadline; the connection is drained in a shielded scope.
+Intake without a fetch per message: the consumer's messages arrive on one subscription of our
+own (an inbox, one reply subject per pull request) whose callback hands them to a trio channel,
+and pull requests stay open at the server for as many messages as there are free slots
+(``pull_credit.py`` keeps the count). A paced stream of commands then costs one pull request per
+slot-full of messages, not a pull request, an asyncio future and a bridge crossing per message.
+Pull requests expire after ``PULL_EXPIRES`` and are renewed, so an outage or a lost request is
+noticed within seconds; the connection is drained in a shielded scope.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
+import math
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,10 +38,15 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from .config import Settings
 from .errors import BusError
 from .metrics import Metrics
+from .pull_credit import PullCredit
 from .retry import NATS_RECONNECT_WAIT, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+PULL_EXPIRES = 5.0  # a pull request waits at the server this long, then is renewed
+PULL_BACKOFF = 0.5  # after the server refused a request (409, 503): wait before asking again
+_MAX_BATCH = re.compile(r"MaxRequestBatch of (\d+)", re.IGNORECASE)
 
 _NATS_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.Error,
@@ -88,6 +100,15 @@ class Message:
         await _call(fn, *args)
 
 
+def _message(msg: Msg) -> Message:
+    try:
+        metadata = msg.metadata
+        delivered, pending = metadata.num_delivered, metadata.num_pending
+    except Exception:
+        delivered, pending = 1, 1
+    return Message(msg, msg.data, msg.subject, delivered, pending)
+
+
 def deliver_start(s: Settings) -> tuple[DeliverPolicy, datetime.datetime | None]:
     """Where a consumer the worker creates starts. By default ``NATS_DELIVER_WINDOW_SECONDS``
     back from now: a new durable next to a stream with hours of history would otherwise claim
@@ -110,7 +131,17 @@ class Bus:
     on_state_change: Callable[[], None] = lambda: None
     _nc: NatsClient | None = None
     _js: JetStreamContext | None = None
-    _sub: Any = None  # JetStreamContext.PullSubscription
+    _sub: Any = None  # nats-py Subscription on the pull inbox (``<inbox>.*``)
+    _inbox: str = ""
+    _pull_subject: str = ""
+    _credit: PullCredit = attrs.field(factory=PullCredit)
+    # Delivered messages (None: "credit changed, look again") from the subscription callback.
+    _deliveries: Any = None  # trio.MemorySendChannel[Msg | None]
+    _arrived: Any = None  # trio.MemoryReceiveChannel[Msg | None]
+    _buffered: int = 0  # messages in the channel, not yet handed out
+    _refused: str = ""  # the consumer is gone or unusable: the next fetch raises, the intake rebinds
+    _pull_not_before: float = 0.0
+    pulls_sent: int = 0  # pull requests sent since start (a paced stream sends few)
     ack_wait: float = 30.0
     bound: bool = False
     closing: bool = False
@@ -254,43 +285,142 @@ class Bus:
                 f"from {start.isoformat()}" if start else s.deliver_policy,
             )
             info = await _call(self.js.add_consumer, s.stream, config)
-        if self._sub is not None:
-            await self._unsubscribe()
-        self._sub = await _call(self.js.pull_subscribe_bind, durable=s.consumer, stream=s.stream)
+        await self._stop_feed()
+        await self._start_feed()
         self.ack_wait = float(info.config.ack_wait or 30.0)
         self.bound = True
         self.on_state_change()
 
-    async def _unsubscribe(self) -> None:
+    async def _start_feed(self) -> None:
+        s = self.settings
+        assert self._nc is not None
+        self._deliveries, self._arrived = trio.open_memory_channel[Msg | None](math.inf)
+        self._buffered, self._refused, self._pull_not_before = 0, "", 0.0
+        self._credit.reset()
+        self._credit.max_batch = None
+        self._inbox = self._nc.new_inbox()
+        # JetStream's pull API (the context has no domain or prefix of its own: ``$JS.API``).
+        self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{s.stream}.{s.consumer}"
+        self._sub = await _call(self._nc.subscribe, f"{self._inbox}.*", cb=self._on_delivery)
+
+    async def _stop_feed(self) -> None:
+        """Unsubscribe the pull inbox (the server drops requests nobody listens to any more),
+        then hand back what was delivered and not taken: nak'd, so it is redelivered now
+        rather than after ack_wait."""
         sub, self._sub = self._sub, None
-        try:
-            await _call(sub.unsubscribe)
-        except BusError:
-            pass
+        arrived, self._arrived = self._arrived, None
+        self._deliveries = None
+        self._credit.reset()
+        if sub is not None:
+            try:
+                await _call(sub.unsubscribe)
+            except BusError:
+                pass
+        if arrived is not None:
+            while True:
+                try:
+                    msg = arrived.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if msg is not None:
+                    try:
+                        await _call(msg.nak)
+                    except BusError:
+                        pass  # redelivered after ack_wait
+        self._buffered = 0
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        """nats-py's subscription callback (asyncio side, same thread): a data message goes to
+        the trio channel; a status message ends the request it answers."""
+        deliveries = self._deliveries
+        if deliveries is None:
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if not status:
+            self._credit.delivered()
+            self._buffered += 1
+            deliveries.send_nowait(msg)
+            return
+        if status == "100":  # idle heartbeat / flow control: not requested, nothing owed
+            return
+        seq = msg.subject.rsplit(".", 1)[-1]
+        if seq.isdigit():
+            self._credit.ended(int(seq))
+        if status not in ("404", "408"):  # 404/408: the request ran out; anything else is news
+            description = (msg.headers or {}).get("Description", "")
+            self._refusal(status, description)
+        deliveries.send_nowait(None)  # credit changed: a waiting fetch asks again
+
+    def _refusal(self, status: str, description: str) -> None:
+        text = f"pull request refused: {status} {description}".strip()
+        lowered = description.lower()
+        found = _MAX_BATCH.search(description)
+        if found:
+            self._credit.max_batch = max(1, int(found.group(1)))
+        elif status == "503" or "deleted" in lowered or "push" in lowered:
+            self._refused = text  # no consumer to pull from: rebind
+        else:  # MaxWaiting, leadership change, …: ask again shortly
+            log.debug("%s", text)
+        self._pull_not_before = trio.current_time() + PULL_BACKOFF
 
     async def fetch(self, batch: int, timeout: float) -> list[Message]:
-        """Block up to ``timeout`` for up to ``batch`` messages; ``[]`` when none arrived."""
-        if self._sub is None:
+        """Up to ``batch`` messages, waiting up to ``timeout`` for the first; ``[]`` when none
+        arrived. ``batch`` is what the caller can start now: pull requests are kept open for
+        that many, less what is already owed or delivered."""
+        if self._sub is None or self._arrived is None:
             raise BusError("consumer not bound")
-        # Watchdog: a lingering pull request can stall nats-py past its own timeout.
-        with trio.move_on_after(timeout + 5) as watchdog:
+        deadline = trio.current_time() + timeout
+        out: list[Msg] = []
+        while not out:
+            self._check_refused()
+            now = trio.current_time()
+            if now >= deadline:
+                return []
+            await self._top_up(batch, now)
+            wake = deadline
+            credit_deadline = self._credit.next_deadline()
+            if credit_deadline is not None:
+                wake = min(wake, credit_deadline)
+            if self._pull_not_before > now:
+                wake = min(wake, self._pull_not_before)
+            with trio.move_on_after(max(0.0, wake - now)):
+                msg = await self._arrived.receive()
+                if msg is not None:
+                    self._buffered -= 1
+                    out.append(msg)
+        while len(out) < batch:
             try:
-                msgs = await _call(self._sub.fetch, batch, timeout=timeout)
-            except BusError as exc:
-                if isinstance(exc.__cause__, (nats.errors.TimeoutError, asyncio.TimeoutError)):
-                    return []
-                raise
-        if watchdog.cancelled_caught:
-            raise BusError(f"fetch did not return within {timeout + 5:.0f}s")
-        out = []
-        for msg in msgs:
-            try:
-                metadata = msg.metadata
-                delivered, pending = metadata.num_delivered, metadata.num_pending
-            except Exception:
-                delivered, pending = 1, 1
-            out.append(Message(msg, msg.data, msg.subject, delivered, pending))
-        return out
+                msg = self._arrived.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if msg is not None:
+                self._buffered -= 1
+                out.append(msg)
+        return [_message(m) for m in out]
+
+    def _check_refused(self) -> None:
+        if self._refused:
+            text, self._refused = self._refused, ""
+            self.bound = False  # the intake binds again (creating the consumer if it is gone)
+            self.on_state_change()
+            raise BusError(text)
+
+    async def _top_up(self, free: int, now: float) -> None:
+        assert self._nc is not None
+        self._credit.expire(now)
+        if now < self._pull_not_before:
+            return
+        want = self._credit.wanted(free, self._buffered)
+        if want <= 0:
+            return
+        seq = self._credit.issue(want, now, PULL_EXPIRES)
+        self.pulls_sent += 1
+        request = json.dumps({"batch": want, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+        try:
+            await _call(self._nc.publish, self._pull_subject, request, f"{self._inbox}.{seq}")
+        except BusError:
+            self._credit.ended(seq)
+            raise
 
     async def consumer_lag(self) -> ConsumerLag:
         s = self.settings
@@ -309,21 +439,16 @@ class Bus:
 
     async def close(self) -> None:
         """Drain and close; shielded so it completes during cancellation."""
-        nc, sub, self._nc, self._js, self._sub = self._nc, self._sub, None, None, None
         self.bound = False
         self.closing = True
+        nc = self._nc
         if nc is None:
             return
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            if sub is not None:
-                # Drain waits until every queued message of each subscription is consumed; a
-                # pull subscription's queue still holds the answer to the fetch the shutdown
-                # cancelled, which nobody reads: drain would always stall until the timeout.
-                # Messages left there are unacked and JetStream redelivers them.
-                try:
-                    await _call(sub.unsubscribe)
-                except BusError as exc:
-                    log.debug("nats unsubscribe: %s", exc)
+            # The pull inbox first: open requests die with it, and what was delivered but not
+            # taken is nak'd for redelivery now.
+            await self._stop_feed()
+            self._nc, self._js = None, None
             try:
                 await _call(nc.drain)
             except BusError as exc:

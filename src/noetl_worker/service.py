@@ -45,8 +45,7 @@ from .tools.base import ToolResources
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 5.0  # long poll when idle; short so outages are noticed and the loop re-checks
-BURST_TIMEOUT = 0.005  # a sweep for messages known to be waiting (others may take them first)
-MAX_BURST = 64
+MAX_BURST = 64  # messages asked for at once, at most
 # /readyz turns 503 when the intake loop has not gone round for this long. It goes round at least
 # every FETCH_TIMEOUT (plus the fetch watchdog) when idle, and while every slot is busy with a
 # running command it counts as alive; only a stuck loop or slots held by nothing trips it.
@@ -373,11 +372,10 @@ async def _take_slot(rt: Runtime, state: WorkerState, token: object) -> None:
 
 
 async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery, state: WorkerState) -> None:
-    # Idle: a long poll for one message. When the last message said more are waiting behind it,
-    # sweep them up (as many as can start, never more than are pending) without a long wait.
+    # Ask for as many messages as can start now (the bus keeps pull requests open for that
+    # many, so a paced stream needs no request per message), start each as it arrives.
     # Slot tokens in ``tokens`` belong to this loop and are given back in ``finally``; a token
     # passes to a command task only once ``_start`` has started it.
-    pending = 0
     while bus.bound:
         state.intake_alive()
         first = object()
@@ -385,15 +383,10 @@ async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery, state: Wor
         tokens = [first]
         messages: list[Message] = []
         try:
-            if pending > 0:
-                free = min(int(rt.slots.available_tokens) + 1, MAX_BURST, pending)
-                messages = await bus.fetch(free, timeout=BURST_TIMEOUT)
-            else:
-                messages = await bus.fetch(1, timeout=FETCH_TIMEOUT)
+            free = min(int(rt.slots.available_tokens) + 1, MAX_BURST)
+            messages = await bus.fetch(free, timeout=FETCH_TIMEOUT)
             received_at = trio.current_time()
             state.intake_alive()
-            # Unknown (a fake bus) counts as "maybe more": one short sweep tells.
-            pending = _pending_after(messages)
             while messages:
                 msg = messages[0]
                 if not tokens:
@@ -417,13 +410,6 @@ async def _fetch_loop(rt: Runtime, bus: Bus, execution: trio.Nursery, state: Wor
                 with trio.CancelScope(shield=True):
                     for msg in messages:
                         await _settle_quietly(msg, "nak")
-
-
-def _pending_after(messages: list[Message]) -> int:
-    if not messages:
-        return 0
-    pending = getattr(messages[-1], "num_pending", 1)
-    return pending if isinstance(pending, int) and pending >= 0 else 1
 
 
 async def _settle_quietly(msg: Message, how: str) -> None:
