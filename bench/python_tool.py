@@ -39,9 +39,32 @@ def cold(n: int) -> float:
     return (time.perf_counter() - started) / n * 1000
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def isolation_cpu_s(children: bool = True) -> float:
+    """CPU of the fork servers this process started, their reaped children included: what the
+    isolation (a fresh child per step) costs on top of the worker's own CPU."""
+    me, total = os.getpid(), 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == me and b"_pyrunner" in cmdline:
+            total += sum(int(x) for x in fields[11 : 15 if children else 13])
+    return total / TICK
+
+
 async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, float]:
     walls: list[float] = []
     cpu = 0.0
+    isolation0, server0 = isolation_cpu_s(), isolation_cpu_s(children=False)
     for _ in range(n):
         c0, t0 = time.process_time(), time.perf_counter()
         result = await tool({"code": CODE}, ctx)
@@ -54,6 +77,8 @@ async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, f
         "p50_ms": 1000 * statistics.median(walls),
         "mean_ms": 1000 * statistics.fmean(walls),
         "cpu_ms": 1000 * cpu / n,
+        "isolation_cpu_ms": 1000 * (isolation_cpu_s() - isolation0) / n,
+        "fork_server_cpu_ms": 1000 * (isolation_cpu_s(children=False) - server0) / n,
         "load": os.getloadavg()[0],
     }
 
@@ -102,11 +127,14 @@ def main() -> None:
     print(f"N={args.n} calls of `def main(): return 1` through the python tool ({os.cpu_count()} cores)")
     print(
         f"spaced {args.gap * 1000:g} ms: p50 {s['p50_ms']:.2f} ms, mean {s['mean_ms']:.2f} ms, "
-        f"worker CPU {s['cpu_ms']:.2f} ms/call (load {s['load']:.2f})"
+        f"worker CPU {s['cpu_ms']:.2f} ms/call, fork server + children "
+        f"{s['isolation_cpu_ms']:.2f} ms/call (of which the server {s['fork_server_cpu_ms']:.2f}) "
+        f"(load {s['load']:.2f})"
     )
     print(
         f"back to back: p50 {b['p50_ms']:.2f} ms, mean {b['mean_ms']:.2f} ms, "
-        f"worker CPU {b['cpu_ms']:.2f} ms/call (load {b['load']:.2f})"
+        f"worker CPU {b['cpu_ms']:.2f} ms/call, fork server + children "
+        f"{b['isolation_cpu_ms']:.2f} ms/call (load {b['load']:.2f})"
     )
     print(f"first call (starts the fork server): {out['first_ms']:.1f} ms")
     if args.cold:
