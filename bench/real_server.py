@@ -18,7 +18,8 @@ one stack at a time, so the two workers never compete for the cores:
 Per worker and workload: wall time (execute → ``playbook.completed`` event), step-commands/s
 (``call.done`` events / wall), claim→done p50/p95 per command from the server's own event
 timestamps (``command.claimed`` → ``call.done`` of the same command id), worker CPU ms per
-command (utime + stime of the worker's whole process group from /proc, children included),
+command (utime + stime of the worker's whole process group from /proc, children included — for
+ours that is the python fork server and a fresh child per step — and of the main process alone),
 and the worker's idle RSS (process group, after start-up and again after the workloads).
 """
 
@@ -123,6 +124,16 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / TICK
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process alone (its children, e.g. our python fork server, not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def group_rss_mib(pgid: int) -> float:
     total = 0
     for pid in group_pids(pgid):
@@ -170,11 +181,12 @@ def worker_proc(stack: Stack) -> Proc:
 
 def measure(stack: Stack, label: str, runs_fn: Any) -> dict[str, Any]:
     worker = worker_proc(stack)
-    cpu0 = group_cpu_seconds(worker.pid)
+    cpu0, own0 = group_cpu_seconds(worker.pid), process_cpu_seconds(worker.pid)
     started = time.monotonic()
     runs: list[Run] = runs_fn()
     wall = time.monotonic() - started
     cpu = group_cpu_seconds(worker.pid) - cpu0
+    own = process_cpu_seconds(worker.pid) - own0
     commands = sum(r.count("call.done") + r.count("call.error") for r in runs)
     latencies = claim_to_done(runs)
     outcomes = sorted({str(r.terminal) for r in runs})
@@ -188,6 +200,8 @@ def measure(stack: Stack, label: str, runs_fn: Any) -> dict[str, Any]:
         "claim_to_done_p50_ms": round(pct(latencies, 0.5) * 1000, 1),
         "claim_to_done_p95_ms": round(pct(latencies, 0.95) * 1000, 1),
         "worker_cpu_ms_per_command": round(cpu * 1000 / commands, 2) if commands else None,
+        # the worker's main process alone: ours without its python fork server and step children
+        "worker_process_cpu_ms_per_command": round(own * 1000 / commands, 2) if commands else None,
     }
 
 

@@ -60,6 +60,43 @@ def _paced_over_burst(o: dict[str, Any]) -> float:
     return float(o["steady_cpu_ms_per_cmd"]) / float(o["burst_cpu_ms_per_cmd"])
 
 
+def _real(workload: str, field: str) -> Callable[[dict[str, Any]], float]:
+    """ours / noetl's for one number of one real-server workload."""
+
+    def ratio(o: dict[str, Any]) -> float:
+        workers = o["workers"]
+        return float(workers["ours"][workload][field]) / float(workers["noetl"][workload][field])
+
+    return ratio
+
+
+def _real_server_checks() -> list[Check]:
+    checks = []
+    for workload, label in (("loop", "loop x200"), ("concurrent", "50 x 3 steps")):
+        checks += [
+            Check(
+                f"real server {label}: worker CPU ours / noetl's",
+                _real(workload, "worker_cpu_ms_per_command"),
+                "≤ 0.33",
+                lambda v, o: v <= 1 / 3,
+            ),
+            Check(
+                "  main process alone (ours without step isolation)",
+                _real(workload, "worker_process_cpu_ms_per_command"),
+                "≤ 0.33",
+                lambda v, o: v <= 1 / 3,
+            ),
+            Check("  wall ours / noetl's", _real(workload, "wall_s"), "< 1", lambda v, o: v < 1),
+            Check(
+                "  claim→done p50 ours / noetl's",
+                _real(workload, "claim_to_done_p50_ms"),
+                "-",
+                lambda v, o: True,
+            ),
+        ]
+    return checks
+
+
 BENCHES = (
     Bench(
         "throughput",
@@ -178,7 +215,14 @@ BENCHES = (
             ),
         ),
     ),
-    Bench("real_server", "real_server.py", (), ("--smoke",), (), optional=True),
+    Bench(
+        "real_server",
+        "real_server.py",
+        (),
+        ("--smoke",),
+        tuple(_real_server_checks()),
+        optional=True,
+    ),
 )
 
 

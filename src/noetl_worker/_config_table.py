@@ -36,7 +36,7 @@ ROWS: Final[tuple[tuple[str, str, str, str, str], ...]] = (
         "WORKER_MAX_CONCURRENT",
         "1",
         "integer 1–4096",
-        "Commands run at once. The fetch batch never exceeds the free slots.",
+        "Commands run at once. The intake never asks JetStream for more messages than there are free slots.",
     ),
     (
         "Worker",
