@@ -116,6 +116,7 @@ class ScriptedBus:
 
     def __init__(self, answers: list[ConsumerLag | BusError], bound: bool = True) -> None:
         self.answers, self.bound, self.polls = answers, bound, 0
+        self.connected = True
 
     async def consumer_lag(self) -> ConsumerLag:
         self.polls += 1
@@ -148,6 +149,12 @@ async def test_lag_gauges_are_absent_until_a_poll_answers(autojump_clock: trio.t
         assert ack == 2.0
         await trio.sleep(1)  # the next poll fails: the last value is no longer known
         assert bus.polls == 2 and pending() is None
+        bus.connected, bus.answers = False, [ConsumerLag(1, 1)]
+        await trio.sleep(3)  # NATS unreachable: no poll (the outage has its own log lines)
+        assert bus.polls == 2 and pending() is None
+        bus.connected = True
+        await trio.sleep(1)
+        assert bus.polls == 3 and pending() == 1.0
         nursery.cancel_scope.cancel()
 
 

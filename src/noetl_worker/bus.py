@@ -167,8 +167,10 @@ class Bus:
 
         async def error_cb(exc: Exception) -> None:
             text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            if self._nc is not None and self._nc.is_reconnecting:
+            if self._nc is not None and (self._nc.is_reconnecting or self._nc.is_connecting):
                 # One line per reconnect step comes from reconnect_handler, naming this error.
+                # (nats-py reports a failed attempt's error while the client is still
+                # "connecting", before it goes back to "reconnecting".)
                 self._last_error = text
                 return
             log.warning("nats error: %s", text)
@@ -304,18 +306,20 @@ class Bus:
         self._sub = await _call(self._nc.subscribe, f"{self._inbox}.*", cb=self._on_delivery)
 
     async def _stop_feed(self) -> None:
-        """Unsubscribe the pull inbox (the server drops requests nobody listens to any more),
-        then hand back what was delivered and not taken: nak'd, so it is redelivered now
-        rather than after ack_wait."""
+        """End the pull inbox's subscription (the server drops requests nobody listens to any
+        more) and hand back what was delivered and not taken: nak'd, so it is redelivered now
+        rather than after ack_wait — messages already in the trio channel here, those still in
+        nats-py's queue by the callback while the subscription drains."""
         sub, self._sub = self._sub, None
         arrived, self._arrived = self._arrived, None
-        self._deliveries = None
+        self._deliveries = None  # from here on the callback naks what it is given
         self._credit.reset()
         if sub is not None:
-            try:
-                await _call(sub.unsubscribe)
-            except BusError:
-                pass
+            with trio.move_on_after(5):
+                try:
+                    await _call(sub.drain)
+                except BusError:
+                    pass
         if arrived is not None:
             while True:
                 try:
@@ -333,9 +337,14 @@ class Bus:
         """nats-py's subscription callback (asyncio side, same thread): a data message goes to
         the trio channel; a status message ends the request it answers."""
         deliveries = self._deliveries
-        if deliveries is None:
-            return
         status = msg.headers.get("Status") if msg.headers else None
+        if deliveries is None:  # the feed is stopping: hand a message back, not to nobody
+            if not status:
+                try:
+                    await msg.nak()
+                except _NATS_ERRORS:
+                    pass
+            return
         if not status:
             self._credit.delivered()
             self._buffered += 1

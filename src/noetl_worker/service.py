@@ -316,14 +316,16 @@ async def _lag_poller(rt: Runtime, bus: Bus) -> None:
     gauges = (rt.metrics.consumer_pending, rt.metrics.consumer_ack_pending)
     while True:
         known = False
-        if bus.bound:
+        # Not while NATS is unreachable: the reconnect lines already say so, one per backoff step.
+        if bus.bound and bus.connected:
             try:
                 lag = await bus.consumer_lag()
                 rt.metrics.consumer_pending.labels(s.stream, s.consumer).set(lag.pending)
                 rt.metrics.consumer_ack_pending.labels(s.stream, s.consumer).set(lag.ack_pending)
                 known = True
             except BusError as exc:
-                log.warning("consumer lag poll failed: %s", exc)
+                # a poll that started just before an outage fails with it: the outage is logged
+                (log.warning if bus.connected else log.debug)("consumer lag poll failed: %s", exc)
         if not known:
             for gauge in gauges:
                 with contextlib.suppress(KeyError):
