@@ -77,7 +77,6 @@ class Message:
     data: bytes
     subject: str
     num_delivered: int
-    num_pending: int = 1  # messages still waiting in the consumer behind this one (1 = unknown)
     settled: bool = False
 
     async def ack(self) -> None:
@@ -102,11 +101,10 @@ class Message:
 
 def _message(msg: Msg) -> Message:
     try:
-        metadata = msg.metadata
-        delivered, pending = metadata.num_delivered, metadata.num_pending
-    except Exception:
-        delivered, pending = 1, 1
-    return Message(msg, msg.data, msg.subject, delivered, pending)
+        delivered = msg.metadata.num_delivered
+    except Exception:  # not a JetStream delivery (no metadata in its reply subject)
+        delivered = 1
+    return Message(msg, msg.data, msg.subject, delivered)
 
 
 def deliver_start(s: Settings) -> tuple[DeliverPolicy, datetime.datetime | None]:
