@@ -46,6 +46,7 @@ T = TypeVar("T")
 
 PULL_EXPIRES = 5.0  # a pull request waits at the server this long, then is renewed
 PULL_BACKOFF = 0.5  # after the server refused a request (409, 503): wait before asking again
+PUBLISH_WATCHDOG = 5.0
 _MAX_BATCH = re.compile(r"MaxRequestBatch of (\d+)", re.IGNORECASE)
 
 _NATS_ERRORS: tuple[type[BaseException], ...] = (
@@ -424,7 +425,13 @@ class Bus:
         self.pulls_sent += 1
         request = json.dumps({"batch": want, "expires": int(PULL_EXPIRES * 1e9)}).encode()
         try:
-            await _call(self._nc.publish, self._pull_subject, request, f"{self._inbox}.{seq}")
+            # A publish only appends to nats-py's buffer; the deadline is a watchdog, so a
+            # stalled client cannot hold the intake past its own timeout.
+            with trio.fail_after(PUBLISH_WATCHDOG):
+                await _call(self._nc.publish, self._pull_subject, request, f"{self._inbox}.{seq}")
+        except trio.TooSlowError:
+            self._credit.ended(seq)
+            raise BusError(f"a pull request could not be sent within {PUBLISH_WATCHDOG:g}s") from None
         except BusError:
             self._credit.ended(seq)
             raise

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 5.0  # long poll when idle; short so outages are noticed and the loop re-checks
 MAX_BURST = 64  # messages asked for at once, at most
 # /readyz turns 503 when the intake loop has not gone round for this long. It goes round at least
-# every FETCH_TIMEOUT (plus the fetch watchdog) when idle, and while every slot is busy with a
-# running command it counts as alive; only a stuck loop or slots held by nothing trips it.
+# every FETCH_TIMEOUT (plus the pull request's send watchdog) when idle, and while every slot is
+# busy with a running command it counts as alive; only a stuck loop or slots held by nothing
+# trips it.
 INTAKE_STALL_BOUND = 60.0
 SLOT_WAIT_TICK = 5.0
 HEALTH_MAX_BYTES = 64 * 1024  # a health answer is a few hundred bytes; the probe reads no more
