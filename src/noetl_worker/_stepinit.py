@@ -48,7 +48,7 @@ def prctl(option: int, value: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
+def process_table() -> dict[int, tuple[int, str]]:
     """pid → (ppid, state) of every process we can see."""
     table: dict[int, tuple[int, str]] = {}
     for name in os.listdir("/proc"):
@@ -64,7 +64,7 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _children(pid: int) -> list[int] | None:
+def children_of(pid: int) -> list[int] | None:
     """Children of ``pid`` from ``/proc/<pid>/task/*/children``; None if the kernel lacks it."""
     found: list[int] = []
     try:
@@ -84,7 +84,7 @@ def _children(pid: int) -> list[int] | None:
     return found
 
 
-def _state(pid: int) -> str:
+def state_of(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             data = stat.read()
@@ -102,18 +102,18 @@ def descendants(root: int) -> dict[int, str]:
     found: dict[int, str] = {}
     stack = [root]
     while stack:
-        children = _children(stack.pop())
+        children = children_of(stack.pop())
         if children is None:
             return _descendants_by_scan(root)
         for pid in children:
             if pid not in found:
-                found[pid] = _state(pid)
+                found[pid] = state_of(pid)
                 stack.append(pid)
     return found
 
 
 def _descendants_by_scan(root: int) -> dict[int, str]:
-    table = _process_table()
+    table = process_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -313,7 +313,7 @@ def launcher(control: socket.socket) -> None:
 
 def _kill_strays(inits: set[int]) -> None:
     me = os.getpid()
-    for pid, (ppid, state) in _process_table().items():
+    for pid, (ppid, state) in process_table().items():
         if ppid == me and pid not in inits and state not in "ZX":
             kill_descendants(pid)
             try:

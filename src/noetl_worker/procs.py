@@ -37,6 +37,8 @@ from typing import Final
 import attrs
 import trio
 
+from . import _stepinit
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -337,45 +339,16 @@ def become_subreaper() -> bool:
     return True
 
 
-def _own_children() -> list[int] | None:
-    """This process's children, from ``/proc/<pid>/task/*/children`` (a handful of reads);
-    None when the kernel does not provide those lists."""
-    me = os.getpid()
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{me}/task")
-    except OSError:
-        return None
-    for task in tasks:
-        try:
-            with open(f"/proc/{me}/task/{task}/children", "rb") as children:
-                found.extend(int(c) for c in children.read().split())
-        except FileNotFoundError:
-            if os.path.exists(f"/proc/{me}/task/{task}"):
-                return None  # the thread exists but the kernel lacks the children list
-        except OSError:
-            continue
-    return found
-
-
 def _zombie_children() -> set[int]:
     """Our children that are zombies. Reads only our own children's ``stat`` where the kernel
     lists them (a sweep of every process's ``stat`` cost ~2 ms of CPU each second, the bulk of
     an idle worker's CPU); the whole process table only as the fallback."""
     me = os.getpid()
-    children = _own_children()
-    candidates = _pids() if children is None else children
-    zombies: set[int] = set()
-    for pid in candidates:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                data = stat.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        if fields[0] == b"Z" and int(fields[1]) == me:
-            zombies.add(pid)
-    return zombies
+    children = _stepinit.children_of(me)
+    if children is None:
+        table = _stepinit.process_table()
+        return {pid for pid, (ppid, state) in table.items() if ppid == me and state == "Z"}
+    return {pid for pid in children if _stepinit.state_of(pid) == "Z"}
 
 
 def reap_once(seen: set[int]) -> set[int]:
@@ -397,7 +370,7 @@ def reap_once(seen: set[int]) -> set[int]:
 async def reap_adopted(interval: float = REAP_INTERVAL) -> None:
     """Run for the worker's lifetime: reap the zombies of adopted orphans (PID 1's duty too)."""
     seen: set[int] = set()
-    slow = _own_children() is None
+    slow = _stepinit.children_of(os.getpid()) is None
     while True:
         # The children lists make a sweep a few small reads: done inline. The fallback (every
         # process's stat) goes to a thread, as it reads hundreds of files.

@@ -19,7 +19,7 @@ import attrs
 import pytest
 import trio
 
-from noetl_worker import procs
+from noetl_worker import _stepinit, procs
 from noetl_worker.config import Settings
 from noetl_worker.tools import shell
 
@@ -197,7 +197,7 @@ def test_the_reaper_reaps_a_zombie_only_at_its_second_sweep(
     """A zombie child is left to whoever started it for one sweep, then reaped — found through
     the kernel's children lists, or (kernels without them) by scanning the process table."""
     if not children_lists:
-        monkeypatch.setattr(procs, "_own_children", lambda: None)
+        monkeypatch.setattr(_stepinit, "children_of", lambda pid: None)
     pid = os.fork()
     if pid == 0:
         os._exit(0)
