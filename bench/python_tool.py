@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import trio
+from procstat import cpu_seconds, processes
 
 from noetl_worker import templating
 from noetl_worker.config import Settings
@@ -39,26 +40,20 @@ def cold(n: int) -> float:
     return (time.perf_counter() - started) / n * 1000
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
 def isolation_cpu_s(children: bool = True) -> float:
     """CPU of the fork servers this process started, their reaped children included: what the
     isolation (a fresh child per step) costs on top of the worker's own CPU."""
-    me, total = os.getpid(), 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    me, total = os.getpid(), 0.0
+    for pid, fields in processes():
+        if int(fields[1]) != me:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"_pyrunner" in f.read():
+                    total += cpu_seconds(pid, children=children)
         except OSError:
             continue
-        if int(fields[1]) == me and b"_pyrunner" in cmdline:
-            total += sum(int(x) for x in fields[11 : 15 if children else 13])
-    return total / TICK
+    return total
 
 
 async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, float]:

@@ -38,10 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from procstat import TICK, cpu_seconds, processes, rss_mib  # noqa: E402
 from tests.interop.harness import Proc, Run, Stack, event_result, open_stacks  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 LOOP = """
 apiVersion: noetl.io/v2
@@ -97,52 +95,31 @@ workflow:
 
 
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, fields in processes() if int(fields[2]) == pgid]
 
 
 def group_cpu_seconds(pgid: int) -> float:
     """utime + stime (+ reaped children's) of every process in the worker's process group."""
-    total = 0
-    for pid in group_pids(pgid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-    return total / TICK
+    fields = [f for _pid, f in processes() if int(f[2]) == pgid]
+    return sum(int(x) for f in fields for x in f[11:15]) / TICK
 
 
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of one process alone (its children, e.g. our python fork server, not)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid)
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def group_rss_mib(pgid: int) -> float:
-    total = 0
+    total = 0.0
     for pid in group_pids(pgid):
         try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+            total += rss_mib(pid)
         except OSError:
             continue
-    return total / (1024 * 1024)
+    return total
 
 
 def _ts(event: dict[str, Any]) -> float:

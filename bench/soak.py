@@ -32,17 +32,11 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from procstat import rss_mib
+
 from noetl_worker.testing import StubCommand, StubState, open_nats_server, open_publisher, open_stub_server
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def open_fds(pid: int) -> int:

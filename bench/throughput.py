@@ -37,6 +37,8 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from procstat import cpu_seconds, hwm_mib, rss_mib
+
 from noetl_worker.testing import (
     StubCommand,
     StubState,
@@ -46,31 +48,6 @@ from noetl_worker.testing import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (own threads included, children excluded)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def hwm_mib(pid: int) -> float:
-    """Peak RSS of the process so far (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def percentile(values: list[float], p: float) -> float:
