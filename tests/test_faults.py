@@ -6,6 +6,7 @@ a command ran to completion twice, and a missing line means it was lost.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -86,9 +87,11 @@ async def test_nats_server_killed_and_restarted_mid_run(
 
 @asynccontextmanager
 async def worker_process(
-    stub: StubServer, nats: NatsServer, log: Path, **env: str
+    stub: StubServer, nats: NatsServer, log: Path, *, own_session: bool = False, **env: str
 ) -> AsyncIterator[trio.Process]:
-    """``python -m noetl_worker`` as a real child process (SIGTERM is delivered to it for real)."""
+    """``python -m noetl_worker`` as a real child process (SIGTERM is delivered to it for real).
+    ``own_session``: in a session of its own, and on the way out killed with every process below
+    it (tool processes run in sessions of their own)."""
     environment = subprocess_env(
         NATS_URL=nats.url,
         NOETL_SERVER_URL=stub.url,
@@ -99,14 +102,43 @@ async def worker_process(
     )
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(
-            [PYTHON, "-m", "noetl_worker"], env=environment, stdout=out, stderr=subprocess.STDOUT
+            [PYTHON, "-m", "noetl_worker"],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
         )
         try:
             yield process
         finally:
             if process.returncode is None:
-                process.kill()
+                if own_session:
+                    kill_tree(process.pid)
+                else:
+                    process.kill()
                 await process.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants at once (found by walking /proc by parent pid)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, found = [pid], []
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    for victim in found:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 async def wait_registered(stub: StubServer, worker_id: str) -> None:

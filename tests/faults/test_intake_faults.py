@@ -4,13 +4,11 @@ outages, an existing durable, the metrics port taken, a worker killed mid-comman
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from noetl_worker.config import Settings
 from noetl_worker.testing import NatsServer, Publisher, StubServer, StubState, open_stub_server, open_worker
 
 from ..conftest import PYTHON, poll_until, subprocess_env
-from ..test_faults import wait_registered
+from ..test_faults import kill_tree, wait_registered, worker_process
 from ..test_integration import wait_acked
 
 TOKEN = "s3cr3t-internal-token"
@@ -190,58 +188,6 @@ def test_the_metrics_port_in_use_is_one_line_and_exit_2() -> None:
 # ---- a worker killed mid-command ---------------------------------------------------------------
 
 
-@asynccontextmanager
-async def _worker_group(
-    stub: StubServer, nats: NatsServer, log: Path, **env: str
-) -> AsyncIterator[trio.Process]:
-    """A worker process in a session of its own, so a kill takes its tool processes too (as a
-    pod kill takes every process of the container)."""
-    environment = subprocess_env(
-        NATS_URL=nats.url,
-        NOETL_SERVER_URL=stub.url,
-        WORKER_METRICS_BIND="127.0.0.1:0",
-        WORKER_HEARTBEAT_INTERVAL="1",
-        NOETL_LOG_FORMAT="json",
-        **env,
-    )
-    with log.open("wb") as out:
-        process = await trio.lowlevel.open_process(
-            [PYTHON, "-m", "noetl_worker"],
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield process
-        finally:
-            if process.returncode is None:
-                _kill_all(process.pid)
-                await process.wait()
-
-
-def _kill_all(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants at once (found by walking /proc by parent pid)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    todo, found = [pid], []
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    for victim in found:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize(
     "stub_state", [StubState(claim_lease_seconds=3, heartbeat_stale_seconds=3)], ids=["short-lease"]
 )
@@ -255,15 +201,22 @@ async def test_a_worker_killed_mid_command_is_redelivered_and_completed_once(
         tool_config={"command": f"echo started >> {starts}; sleep 3; echo done >> {ledger}"},
     )
     with trio.fail_after(120):
-        async with _worker_group(
-            stub, nats, tmp_path / "a.log", WORKER_ID="w-killed", NOETL_WORKER_NATS_ACK_WAIT_SECONDS="2"
+        # each worker in a session of its own, so a kill takes its tool processes too (as a pod
+        # kill takes every process of the container)
+        async with worker_process(
+            stub,
+            nats,
+            tmp_path / "a.log",
+            own_session=True,
+            WORKER_ID="w-killed",
+            NOETL_WORKER_NATS_ACK_WAIT_SECONDS="2",
         ) as a:
             await wait_registered(stub, "w-killed")
             await publisher.publish_command(command.notification(stub.url))
             await stub.state.wait_for(lambda: "command.started" in stub.state.event_types(command), 30)
-            _kill_all(a.pid)
+            kill_tree(a.pid)
             await a.wait()
-        async with _worker_group(stub, nats, tmp_path / "b.log", WORKER_ID="w-next") as b:
+        async with worker_process(stub, nats, tmp_path / "b.log", own_session=True, WORKER_ID="w-next") as b:
             await stub.state.wait_terminal([command], timeout=90)
             b.send_signal(signal.SIGTERM)
             assert await b.wait() == 0
