@@ -10,12 +10,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-import trio_asyncio
 
-from noetl_worker.bus import Bus, _call, install_exception_handler
-from noetl_worker.config import Settings
+from noetl_worker.bus import Bus, _call
 from noetl_worker.errors import BusError
-from noetl_worker.testing import NatsServer, Publisher
+from noetl_worker.testing import NatsServer, Publisher, open_publisher
 
 from .conftest import poll_until
 
@@ -23,18 +21,11 @@ SUBJECT = "noetl.commands"
 
 
 @asynccontextmanager
-async def open_bus(nats: NatsServer, **env: str) -> AsyncIterator[Bus]:
-    settings = Settings.from_env({"NATS_URL": nats.url, "NATS_CONSUMER": "feed", **env})
-    async with trio_asyncio.open_loop() as loop:
-        install_exception_handler(loop)
-        bus = Bus(settings)
-        await bus.connect()
-        try:
-            await bus.ensure_stream()
-            await bus.bind_consumer()
-            yield bus
-        finally:
-            await bus.close()
+async def open_bus(nats: NatsServer) -> AsyncIterator[Bus]:
+    """A bus bound to the durable ``feed`` (the publisher's connection, then its consumer)."""
+    async with open_publisher(nats.url, NATS_CONSUMER="feed") as own:
+        await own.bus.bind_consumer()
+        yield own.bus
 
 
 async def publish(publisher: Publisher, n: int, start: int = 0) -> None:
