@@ -5,6 +5,9 @@
 Runs each benchmark in its own process (the repository's interpreter) and reads the JSON line it
 prints with ``--json``:
 
+- ``idle_penalty`` bench/idle_penalty.py: the machine's own cost of waking up — the same unit
+  of pure-Python work back to back and after a 50 ms sleep (what a paced worker does), which the
+  paced/burst row is then divided by;
 - ``throughput``  bench/throughput.py: the worker and the naive design-card loop alternating
   (bursts of 500 at concurrency 16), paced 20/s, idle;
 - ``python``      bench/python_tool.py: a trivial python step through the tool, warm;
@@ -44,6 +47,7 @@ class Check:
     target: str
     ok: Callable[[float, dict[str, Any]], bool]
     unit: str = ""
+    needs: str = ""  # another benchmark whose results this row reads (``out["_<name>"]``)
 
 
 @attrs.frozen
@@ -99,6 +103,23 @@ def _real_server_checks() -> list[Check]:
 
 BENCHES = (
     Bench(
+        "idle_penalty",
+        "idle_penalty.py",
+        (),
+        ("--units", "5", "--rounds", "1"),
+        (
+            Check(
+                "machine: same Python work after a 50 ms sleep / back to back",
+                lambda o: o["penalty"],
+                "-",
+                lambda v, o: True,
+            ),
+            Check(
+                "  extra CPU per wake-up", lambda o: o["extra_us_per_wakeup"], "-", lambda v, o: True, "us"
+            ),
+        ),
+    ),
+    Bench(
         "throughput",
         "throughput.py",
         (),
@@ -141,6 +162,13 @@ BENCHES = (
                 "burst: throughput", lambda o: o["burst_cmd_per_s"], "≥ 300", lambda v, o: v >= 300, "cmd/s"
             ),
             Check("paced 20/s: CPU per command / burst", _paced_over_burst, "≤ 1.2", lambda v, o: v <= 1.2),
+            Check(
+                "  … over the machine's idle penalty (1.0: all of it the machine's)",
+                lambda o: _paced_over_burst(o) / float(o["_idle_penalty"]["penalty"]),
+                "-",
+                lambda v, o: True,
+                needs="idle_penalty",
+            ),
             Check(
                 "paced 20/s: publish→claim p50", lambda o: o["steady_p50_ms"], "< 5", lambda v, o: v < 5, "ms"
             ),
@@ -268,10 +296,15 @@ def main() -> int:
             rows.append((f"{bench.name}: bench/{bench.script} not present", "-", "-", "skipped"))
             continue
         results[bench.name] = out
+        for check in bench.checks:
+            if check.needs and check.needs in results:
+                out[f"_{check.needs}"] = results[check.needs]
         load = f"(load {out['_load_average']:.1f})"
         if not bench.checks:
             rows.append((f"{bench.name} {load}", "see its JSON", "-", "ran"))
         for check in bench.checks:
+            if check.needs and f"_{check.needs}" not in out:
+                continue  # that benchmark did not run (--only)
             value = float(check.value(out))
             verdict = (
                 "-" if args.smoke or check.target == "-" else ("met" if check.ok(value, out) else "NOT met")

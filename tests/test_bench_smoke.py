@@ -21,6 +21,7 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
         "--smoke",
         "--json",
         "--only",
+        "idle_penalty",
         "throughput",
         "python",
         "result",
@@ -35,6 +36,8 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
     table = out.splitlines()
     assert table[0].startswith("machine: ") and "cores, load average" in table[0]
     results = json.loads(table[-1])
+    assert results["idle_penalty"]["back_to_back_us"] > 0 and results["idle_penalty"]["paced_us"] > 0
+    assert "over the machine's idle penalty" in out  # the paced row divided by it
     assert results["throughput"]["ratio_worker_over_naive"] > 0
     assert results["throughput"]["steady_n"] > 0
     assert results["python"]["spaced"]["p50_ms"] > 0
