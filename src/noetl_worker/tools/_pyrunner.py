@@ -16,13 +16,11 @@ Protocol (one long-lived server process per interpreter; the worker side is
   a child is already forked and waiting when a command arrives. The child starts a new session
   (so a kill of its process group also reaches anything it spawned), points fds 1/2 at the
   pipes, keeps the call socket on fd 3 close-on-exec and closes every other inherited
-  descriptor, writes ``{"pid": …}`` on the call socket and blocks reading one JSON line (the
-  request: code, args, env, cwd). It runs the code, writes one JSON line with the outcome, then
-  ``os._exit(0)``. A process the step forked that returns into this code exits without writing
-  anything.
-- The environment is the server's own, which the worker starts clean (no worker secrets), with
-  ``HOME``/``TMPDIR`` pointing at a scratch directory under ``<scratch-root>`` that the server
-  makes for that child alone just before forking it.
+  descriptor, takes a scratch ``HOME``/``TMPDIR`` under ``<scratch-root>``, writes
+  ``{"pid": …}`` on the call socket and blocks reading one JSON line (the request: code, args,
+  env, cwd). It runs the code, writes one JSON line with the outcome, then ``os._exit(0)``. A
+  process the step forked that returns into this code exits without writing anything.
+- The environment is the server's own, which the worker starts clean (no worker secrets).
 - The server reaps children on ``SIGCHLD``, removes their scratch directory and writes
   ``{"exit": <code or -signal>}`` on that child's call socket before closing it, so the worker
   learns how a crashed child ended.
@@ -102,7 +100,7 @@ def _write_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-def _reap(children: dict[int, tuple[int, str]]) -> None:
+def _reap(children: dict[int, int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -110,39 +108,35 @@ def _reap(children: dict[int, tuple[int, str]]) -> None:
             return
         if pid == 0:
             return
-        child = children.pop(pid, None)
-        if child is not None:
-            fd, scratch = child
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
+        fd = children.pop(pid, None)
+        if fd is not None:
             _send_line(fd, {"exit": os.waitstatus_to_exitcode(status)})
             os.close(fd)
 
 
-def _shutdown(children: dict[int, tuple[int, str]]) -> None:
+def _shutdown(children: dict[int, int]) -> None:
     for pid in list(children):
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-    for pid, (fd, scratch) in list(children.items()):
+    for pid, fd in list(children.items()):
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
         os.close(fd)
 
 
-def _new_scratch(root: str, sequence: int) -> str:
-    """The next child's scratch HOME/TMPDIR, made by the server before the fork (and set in its
-    own environment, which the child inherits) and removed by the server on reaping. Doing this
-    in the child cost ~0.6 ms of copy-on-write page faults per step (os.environ's mapping and
-    the path code are touched for the first time there)."""
-    scratch = os.path.join(root, f"noetl-py-{os.getpid()}-{sequence}")
-    shutil.rmtree(scratch, ignore_errors=True)  # left by a server of the same pid that was killed
-    os.mkdir(scratch, 0o700)
-    os.environ["HOME"] = os.environ["TMPDIR"] = scratch
-    return scratch
+_SCRATCH_ROOT = "/tmp"
+_SERVER_PID = 0
+
+
+def _scratch_dir(pid: int) -> str:
+    """The child's scratch HOME/TMPDIR (made by the child, removed by the server on reaping)."""
+    return os.path.join(_SCRATCH_ROOT, f"noetl-py-{_SERVER_PID}-{pid}")
 
 
 def _limit_memory(limit_mb: int) -> None:
@@ -157,6 +151,8 @@ def _limit_memory(limit_mb: int) -> None:
 
 
 def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp") -> None:
+    global _SCRATCH_ROOT, _SERVER_PID
+    _SCRATCH_ROOT, _SERVER_PID = scratch_root, os.getpid()
     _limit_memory(memory_limit_mb)
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
@@ -168,8 +164,7 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
     # The worker's SIGINT (Ctrl-C in a terminal reaches the whole foreground group) must not kill
     # the server; the worker closes the control socket when it wants us gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    children: dict[int, tuple[int, str]] = {}
-    sequence = 0
+    children: dict[int, int] = {}
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
@@ -200,8 +195,6 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
                 continue
             call_fd, out_fd, err_fd = fds
             os.set_inheritable(call_fd, False)
-            sequence += 1
-            scratch = _new_scratch(scratch_root, sequence)
             pid = os.fork()
             if pid == 0:
                 try:
@@ -210,7 +203,7 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
                     os._exit(70)
             os.close(out_fd)
             os.close(err_fd)
-            children[pid] = (call_fd, scratch)
+            children[pid] = call_fd
         _reap(children)
 
 
@@ -231,6 +224,10 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     # Other calls' sockets must not stay open in this child, or their EOF would wait for it.
     os.closerange(CALL_FD + 1, 1 << 20)
     me = os.getpid()
+    scratch = _scratch_dir(me)
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.mkdir(scratch, 0o700)
+    os.environ.update(HOME=scratch, TMPDIR=scratch)  # set for the step, not read
     sys.stdout = io.TextIOWrapper(
         io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
         line_buffering=True,
