@@ -29,6 +29,7 @@ import attrs
 import trio
 
 from . import logs, templating, tools
+from .alarms import Alarms
 from .bus import Message
 from .config import Settings
 from .control_plane import (
@@ -219,6 +220,8 @@ class Runtime:
     started: int = 0  # commands started in this process so far
     # The operator event stream (GET /events); a no-op unless WORKER_EVENTS_STREAM is on.
     lifecycle: LifecycleSink = attrs.field(factory=NoLifecycle)
+    # Every command's in-progress acks, heartbeats and start-event window (service runs it).
+    alarms: Alarms = attrs.field(factory=Alarms)
 
 
 def _variables(command: Command, settings: Settings) -> dict[str, Any]:
@@ -259,12 +262,13 @@ async def handle_message(
     outcome: tuple[str, float] | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_progress, msg, rt)
+            progress = rt.alarms.after(_progress_interval(rt), nursery, partial(_progress, msg, rt))
             try:
                 outcome = await _claim_and_run(
                     rt, note, token, received_at, int(getattr(msg, "num_delivered", 1) or 1)
                 )
             finally:
+                progress.cancel()
                 nursery.cancel_scope.cancel()
     except Exception:
         log.exception("unexpected error while handling a command; nak for redelivery")
@@ -293,14 +297,19 @@ async def _settle(msg: Message, settle: str, delay: float) -> None:
         log.warning("could not %s the message: %s", settle, exc)
 
 
+def _progress_interval(rt: Runtime) -> float:
+    return max(0.2, rt.ack_wait() / 3)
+
+
 async def _progress(msg: Message, rt: Runtime) -> None:
-    """In-progress acks while the command runs, so ack_wait never expires mid-command."""
+    """In-progress acks while the command runs, so ack_wait never expires mid-command. Started
+    by an alarm one interval after the command began."""
     while True:
-        await trio.sleep(max(0.2, rt.ack_wait() / 3))
         try:
             await msg.in_progress()
         except BusError as exc:
             log.debug("in-progress ack failed: %s", exc)
+        await trio.sleep(_progress_interval(rt))
 
 
 async def _claim_and_run(
@@ -416,12 +425,16 @@ async def run_command(rt: Runtime, command: Command, token: object) -> tuple[str
     )
     kind = rt.metrics.kind_label(command.tool_kind)  # a metric label: bounded values only
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sender.send_after, COALESCE_WINDOW)
+        alarms = [rt.alarms.after(COALESCE_WINDOW, nursery, sender.send)]
         if dialect.heartbeat_interval is not None:
-            nursery.start_soon(
-                _heartbeats, rt, command.server_url, dialect, events, dialect.heartbeat_interval
-            )
-        outcome = await _execute(rt, command, ctx)
+            interval = dialect.heartbeat_interval
+            beats = partial(_heartbeats, rt, command.server_url, dialect, events, interval)
+            alarms.append(rt.alarms.after(interval, nursery, beats))
+        try:
+            outcome = await _execute(rt, command, ctx)
+        finally:
+            for alarm in alarms:
+                alarm.cancel()
         await sender.stop()
         nursery.cancel_scope.cancel()
 
@@ -569,29 +582,31 @@ async def _report(
 async def _heartbeats(
     rt: Runtime, server_url: str, dialect: Dialect, events: EventFactory, interval: float
 ) -> None:
-    """``command.heartbeat`` every ``interval`` s while the tool runs; a lost one is only logged
-    (the server stores them, nothing depends on them)."""
+    """``command.heartbeat`` every ``interval`` s while the tool runs (started by an alarm one
+    interval in); a lost one is only logged (the server stores them, nothing depends on them)."""
     while True:
-        await trio.sleep(interval)
         try:
             await rt.plane.emit(server_url, [dialect.heartbeat(events)], policy=HEARTBEAT_RETRY)
         except ControlPlaneError as exc:
             log.debug("command heartbeat not delivered: %s", exc)
+        await trio.sleep(interval)
 
 
 @attrs.define(eq=False)
 class _StartedSender:
-    """Sends the start events on their own if the tool is still running after the window."""
+    """Sends the start events on their own if the tool is still running after the window (an
+    alarm calls :meth:`send` then)."""
 
     rt: Runtime
     server_url: str
     events: list[Event]
-    state: str = "waiting"  # waiting | sending | sent | failed
+    state: str = "waiting"  # waiting | sending | sent | failed | stopped
     _done: trio.Event = attrs.field(factory=trio.Event)
 
-    async def send_after(self, delay: float) -> None:
+    async def send(self) -> None:
+        if self.state != "waiting":
+            return  # the tool ended first: the events go with the terminal ones
         try:
-            await trio.sleep(delay)
             self.state = "sending"
             await self.rt.plane.emit(self.server_url, self.events, policy=EVENT_RETRY)
             self.state = "sent"
@@ -602,8 +617,10 @@ class _StartedSender:
             self._done.set()
 
     async def stop(self) -> None:
-        """Called when the tool is done: wait for a send in flight, else cancel the pending one."""
-        if self.state == "sending":
+        """Called when the tool is done: wait for a send in flight; one not begun never will."""
+        if self.state == "waiting":
+            self.state = "stopped"
+        elif self.state == "sending":
             await self._done.wait()
 
     def pending(self) -> list[Event]:

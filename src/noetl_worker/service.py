@@ -220,6 +220,8 @@ async def _run_tree(
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
+            # Outlives the execution nursery: commands draining still have their timers.
+            background.start_soon(supervise, "alarms", rt.alarms.run, metrics)
             procs.launcher()  # started now, so the first shell step does not wait for it
             background.start_soon(
                 supervise,
