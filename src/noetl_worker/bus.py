@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
@@ -70,6 +70,37 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T
         raise BusError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
 
+async def _call_now(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Run a nats-py coroutine that normally finishes without ever suspending — ``publish`` and
+    the acks built on it only append to the client's buffer and kick its flusher — right here in
+    the trio task, instead of as an asyncio task across the bridge (a task, two futures and three
+    trio scheduler passes per call, for every ack: docs/performance.md). One that does suspend
+    (its outbound buffer over the limit, waiting for a flush) is finished as an asyncio task and
+    awaited, as :func:`_call` would have from the start. Errors become BusError the same way."""
+    coro = fn(*args)
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]  # StopIteration.value is Any
+    except _NATS_ERRORS as exc:
+        raise BusError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    return await _call(_finish, coro, waiting_on)
+
+
+async def _finish(coro: Any, waiting_on: Any) -> Any:
+    """Drive a coroutine that suspended on its first step the way an asyncio task would: wait
+    until what it yielded is done, resume it, repeat."""
+    try:
+        while True:
+            await asyncio.wait([waiting_on])
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration as done:
+                return done.value
+    finally:
+        coro.close()  # a no-op once it returned; cancelled while waiting: it is not resumed
+
+
 @attrs.define(eq=False)
 class Message:
     """One JetStream delivery. Settling (ack/nak/term) is idempotent: only the first counts."""
@@ -91,13 +122,13 @@ class Message:
 
     async def in_progress(self) -> None:
         if not self.settled:
-            await _call(self._msg.in_progress)
+            await _call_now(self._msg.in_progress)
 
-    async def _settle(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    async def _settle(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         if self.settled:
             return
         self.settled = True
-        await _call(fn, *args)
+        await _call_now(fn, *args)
 
 
 def _message(msg: Msg) -> Message:
@@ -428,7 +459,7 @@ class Bus:
             # A publish only appends to nats-py's buffer; the deadline is a watchdog, so a
             # stalled client cannot hold the intake past its own timeout.
             with trio.fail_after(PUBLISH_WATCHDOG):
-                await _call(self._nc.publish, self._pull_subject, request, f"{self._inbox}.{seq}")
+                await _call_now(self._nc.publish, self._pull_subject, request, f"{self._inbox}.{seq}")
         except trio.TooSlowError:
             self._credit.ended(seq)
             raise BusError(f"a pull request could not be sent within {PUBLISH_WATCHDOG:g}s") from None
