@@ -116,3 +116,26 @@ async def test_quick_commands_leave_no_timer_work_behind(autojump_clock: trio.ab
         assert len(slow.progress) == 2  # at 10 and 20 s
         assert alarms.pending == 0
         state.stop.set()
+
+
+async def test_cancelled_alarms_behind_a_long_lived_one_do_not_pile_up(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A long command's first in-progress ack sits at the head of the heap for ack_wait/3 while
+    thousands of short commands come and go behind it: their cancelled alarms are dropped."""
+    alarms, log = Alarms(), []
+    async with trio.open_nursery() as root:
+        root.start_soon(alarms.run)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as long_command:
+            alarms.after(10, long_command, recorder(log, "long"))
+            for i in range(5000):
+                async with trio.open_nursery() as command:
+                    timers = [alarms.after(d, command, recorder(log, f"{i}")) for d in (0.05, 10, 15)]
+                    await trio.sleep(0.001)
+                    for timer in timers:
+                        timer.cancel()
+                assert alarms.pending <= 1 + 2 * 257  # bounded, not 15 000
+            await trio.sleep(10)
+        root.cancel_scope.cancel()
+    assert [name for name, _ in log] == ["long"]

@@ -11,7 +11,8 @@ pays for after every idle wake-up (docs/performance.md, "Paced against burst").
 alarm that comes due starts its work in the nursery the command gave (so the work is still the
 command's child: cancelled with it, its errors are the command's). A command that ends first
 cancels its alarms; a cancelled alarm at the head of the heap is dropped at once, so it never
-wakes the task. Without the task running (a tool or dispatch test that builds a ``Runtime`` of
+wakes the task, and once more than half the heap is cancelled alarms (short commands' ones,
+queued behind a long command's first in-progress ack) it is compacted. Without the task running (a tool or dispatch test that builds a ``Runtime`` of
 its own) an alarm falls back to a sleeping task in the command's nursery — the same behaviour.
 """
 
@@ -28,6 +29,7 @@ import trio
 __all__ = ["Alarm", "Alarms"]
 
 Work = Callable[[], Awaitable[object]]
+_COMPACT_AT = 256  # cancelled alarms kept in the heap before it is compacted
 
 
 @attrs.define(eq=False)
@@ -45,7 +47,7 @@ class Alarm:
         if not self.cancelled and not self.fired:
             self.cancelled = True
             if self._owner is not None:
-                self._owner._drop_cancelled_head()
+                self._owner._cancelled_one()
 
 
 @attrs.define(eq=False)
@@ -55,6 +57,7 @@ class Alarms:
     _heap: list[tuple[float, int, Alarm]] = attrs.field(factory=list)
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
     _scope: trio.CancelScope | None = None
+    _cancelled: int = 0  # cancelled alarms still in the heap
     wakeups: int = 0  # times the task woke to fire something (tests, bench)
 
     @property
@@ -101,16 +104,26 @@ class Alarms:
         heap = self._heap
         while heap and (heap[0][2].cancelled or heap[0][0] <= now):
             _deadline, _n, alarm = heapq.heappop(heap)
-            if not alarm.cancelled:
+            if alarm.cancelled:
+                self._cancelled -= 1
+            else:
                 alarm.fired = True
                 _start(alarm, _run_work)
 
-    def _drop_cancelled_head(self) -> None:
+    def _cancelled_one(self) -> None:
+        self._cancelled += 1
         heap = self._heap
-        if not heap or not heap[0][2].cancelled:
+        if self._cancelled > _COMPACT_AT and self._cancelled * 2 > len(heap):
+            # Cancelled alarms behind a long-lived head (a long command's first in-progress ack)
+            # would pile up at the command rate until it fires: drop them all now.
+            self._heap = heap = [entry for entry in heap if not entry[2].cancelled]
+            heapq.heapify(heap)
+            self._cancelled = 0
+        elif not heap or not heap[0][2].cancelled:
             return
         while heap and heap[0][2].cancelled:
             heapq.heappop(heap)
+            self._cancelled -= 1
         if self._scope is not None:
             # Later, never earlier: the task then sleeps through the dropped deadline.
             self._scope.deadline = self._next_deadline()
