@@ -12,8 +12,9 @@ alarm that comes due starts its work in the nursery the command gave (so the wor
 command's child: cancelled with it, its errors are the command's). A command that ends first
 cancels its alarms; a cancelled alarm at the head of the heap is dropped at once, so it never
 wakes the task, and once more than half the heap is cancelled alarms (short commands' ones,
-queued behind a long command's first in-progress ack) it is compacted. Without the task running (a tool or dispatch test that builds a ``Runtime`` of
-its own) an alarm falls back to a sleeping task in the command's nursery — the same behaviour.
+queued behind a long command's first in-progress ack) it is compacted. Without the task
+running (a tool or dispatch test that builds a ``Runtime`` of its own) an alarm falls back to a
+sleeping task in the command's nursery — the same behaviour.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Alarms:
             self._scope = None
             # Alarms still pending fall back to a sleeping task each, in their own nursery
             # (the command is still running, e.g. while the worker drains).
-            heap, self._heap = self._heap, []
+            heap, self._heap, self._cancelled = self._heap, [], 0
             for _deadline, _n, alarm in heap:
                 if not alarm.cancelled:
                     alarm._owner = None
