@@ -430,3 +430,52 @@ async def test_main_parameters_missing_from_args_come_from_the_render_context(ct
     assert given.data == ["hi", 1, "default"]
     missing = await run({"code": "def main(nowhere):\n    return nowhere"}, ctx)
     assert missing.status == "error" and "nowhere" in (missing.error or "")
+
+
+def test_the_keyword_names_of_main_are_read_as_inspect_reads_them() -> None:
+    """The runner reads a plain function's parameters from its code object (cheaper in a fresh
+    child than inspect.signature); for every shape of ``def main`` both must agree, and anything
+    that is not a plain function goes through inspect."""
+    import functools
+    import inspect
+
+    from noetl_worker.tools._pyrunner import _parameters
+
+    def by_inspect(fn: Any) -> tuple[set[str], bool]:
+        params = inspect.signature(fn).parameters.values()
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+    def plain(a, b=1): ...
+
+    def shapes(a, /, b, *rest, c, d=2, **more):
+        local = 1
+        return local
+
+    def kwonly(*, context): ...
+
+    def nothing(): ...
+
+    def only_star(*args):
+        x = args
+        return x
+
+    @functools.wraps(plain)
+    def wrapped(*args, **kwargs): ...
+
+    class Callable_:
+        def __call__(self, x, y=0): ...
+
+    for fn in (
+        plain,
+        shapes,
+        kwonly,
+        nothing,
+        only_star,
+        lambda v, *, w: v,
+        wrapped,
+        Callable_(),
+        functools.partial(plain, 1),
+    ):
+        assert _parameters(fn) == by_inspect(fn), fn
+    assert _parameters(len) == by_inspect(len)

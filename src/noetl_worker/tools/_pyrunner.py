@@ -228,14 +228,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     os.mkdir(scratch, 0o700)
     os.environ.update(HOME=scratch, TMPDIR=scratch)  # set for the step, not read
-    sys.stdout = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-        line_buffering=True,
-    )  # fmt: skip
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
-        line_buffering=True,
-    )  # fmt: skip
+    sys.stdout, sys.stderr = _STREAMS
     call = socket.socket(fileno=CALL_FD)
     call.setblocking(True)
     _warm_up()
@@ -259,6 +252,17 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     _write_all(call, payload + b"\n")
     os._exit(0)
 
+
+def _text_stream(fd: int) -> io.TextIOWrapper:
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True,
+    )  # fmt: skip
+
+
+# The step's sys.stdout/sys.stderr, made once here: they write to fds 1 and 2 by number, which
+# each child points at its own pipes, and nothing is ever written to them in the server.
+_STREAMS = (_text_stream(1), _text_stream(2))
 
 _WARM_UP = {"code": "def main(x):\n    return [x, {'k': 1.5}]\n", "args": {"x": "y"}}
 
@@ -341,26 +345,42 @@ def _step_value(namespace: dict[str, Any], before: dict[str, Any], args: dict[st
 
 
 _UNSET = object()
+_FunctionType = type(_noop)
+_CO_VARKEYWORDS = 0x08
 
 
 async def _await(value: Any) -> Any:
     return await value
 
 
-def _accepted_kwargs(main: Any, args: dict[str, Any], context: Any = None) -> dict[str, Any]:
+def _parameters(main: Any) -> tuple[set[str], bool] | None:
+    """The names ``main`` takes by keyword, and whether it takes ``**kwargs``; None if unknown.
+    A plain function's code object says it directly: inspect.signature builds Parameter objects
+    through a good deal of Python, whose first run in each fresh child cost page faults."""
+    plain = type(main) is _FunctionType and not hasattr(main, "__wrapped__")
+    if plain and not hasattr(main, "__signature__"):
+        code = main.__code__
+        first = code.co_posonlyargcount
+        last = code.co_argcount + code.co_kwonlyargcount
+        return set(code.co_varnames[first:last]), bool(code.co_flags & _CO_VARKEYWORDS)
     try:
         parameters = inspect.signature(main).parameters.values()
     except (TypeError, ValueError):
-        return dict(args)
+        return None
     names = {
         p.name
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        chosen = dict(args)
-    else:
-        chosen = {k: v for k, v in args.items() if k in names}
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _accepted_kwargs(main: Any, args: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    found = _parameters(main)
+    if found is None:
+        return dict(args)
+    names, takes_any = found
+    chosen = dict(args) if takes_any else {k: v for k, v in args.items() if k in names}
     if "context" in names and "context" not in chosen:
         chosen["context"] = context if context is not None else {}  # noetl passes the render context
     if isinstance(context, dict):
