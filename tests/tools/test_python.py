@@ -67,6 +67,15 @@ async def test_main_with_var_kwargs_gets_all_args_and_input(ctx: ToolContext) ->
     assert result.data == {"a": 1, "b": "hi"}
 
 
+async def test_a_request_larger_than_a_socket_read_reaches_main_whole(ctx: ToolContext) -> None:
+    # The child reads its request line with plain recv calls: a 3 MB one arrives in many.
+    text = "x" * 3_000_000 + 'é\n"end'
+    code = "def main(blob):\n    return {'n': len(blob), 'tail': blob[-6:]}\n"
+    result = await run({"code": code, "args": {"blob": text}}, ctx)
+    assert result.status == "success", result.error
+    assert result.data == {"n": len(text), "tail": text[-6:]}
+
+
 async def test_async_main_is_awaited(ctx: ToolContext) -> None:
     code = "import asyncio\nasync def main(x):\n    await asyncio.sleep(0)\n    return x * 2"
     result = await run({"code": code, "args": {"x": 21}}, ctx)

@@ -233,7 +233,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     call.setblocking(True)
     _warm_up()
     call.sendall(json.dumps({"pid": me}).encode() + b"\n")
-    line = call.makefile("rb").readline()
+    line = _read_line(call)
     if not line:
         os._exit(0)  # the worker went away before sending the request
     request = json.loads(line)
@@ -246,7 +246,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     except Exception:
         pass
     try:
-        payload = json.dumps(outcome, allow_nan=False).encode()
+        payload = _encode(outcome).encode()
     except Exception as exc:
         payload = json.dumps(_error_outcome(exc, "encoding the result")).encode()
     _write_all(call, payload + b"\n")
@@ -264,6 +264,23 @@ def _text_stream(fd: int) -> io.TextIOWrapper:
 # each child points at its own pipes, and nothing is ever written to them in the server.
 _STREAMS = (_text_stream(1), _text_stream(2))
 
+# One encoder for every outcome: json.dumps with an argument builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(allow_nan=False).encode
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """One line (the request) from a blocking socket; b"" if it closed first. Plain recv calls:
+    a makefile reader is more Python to run for the first time in every child."""
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return b""
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            return b"".join(chunks)
+
+
 _WARM_UP = {"code": "def main(x):\n    return [x, {'k': 1.5}]\n", "args": {"x": "y"}}
 
 
@@ -272,7 +289,7 @@ def _warm_up() -> None:
     copy-on-write page faults a first run takes (~1 ms here) then happen before, not during,
     the step."""
     json.loads(json.dumps(_WARM_UP))
-    json.dumps(_execute(_WARM_UP), allow_nan=False)
+    _encode(_execute(_WARM_UP))
 
 
 def _execute(request: dict[str, Any]) -> dict[str, Any]:
