@@ -69,6 +69,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 CALL_FD = 3
+# The C module under ``signal`` (which loads it): its calls take and return plain ints.
+_C_SIGNAL: Any = sys.modules.get("_signal", signal)
+_SIGCHLD, _SIGINT, _SIGTERM = int(signal.SIGCHLD), int(signal.SIGINT), int(signal.SIGTERM)
+_SIG_DFL = int(signal.SIG_DFL)
 _MAX_DEPTH = 200
 
 
@@ -136,7 +140,7 @@ _SERVER_PID = 0
 
 def _scratch_dir(pid: int) -> str:
     """The child's scratch HOME/TMPDIR (made by the child, removed by the server on reaping)."""
-    return os.path.join(_SCRATCH_ROOT, f"noetl-py-{_SERVER_PID}-{pid}")
+    return f"{_SCRATCH_ROOT}/noetl-py-{_SERVER_PID}-{pid}"
 
 
 def _limit_memory(limit_mb: int) -> None:
@@ -152,7 +156,7 @@ def _limit_memory(limit_mb: int) -> None:
 
 def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp") -> None:
     global _SCRATCH_ROOT, _SERVER_PID
-    _SCRATCH_ROOT, _SERVER_PID = scratch_root, os.getpid()
+    _SCRATCH_ROOT, _SERVER_PID = scratch_root.rstrip("/"), os.getpid()
     _limit_memory(memory_limit_mb)
     control = socket.socket(fileno=control_fd)
     control.setblocking(True)
@@ -213,8 +217,10 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
 def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
     os.setsid()
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+    # The C module's own call: signal.signal converts to and from enums in Python, which a
+    # fresh child would run for the first time (~30 page faults).
+    for signum in (_SIGCHLD, _SIGINT, _SIGTERM):
+        _C_SIGNAL.signal(signum, _SIG_DFL)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
     # The result channel must not reach programs the step starts (os.spawn*, subprocess): they
