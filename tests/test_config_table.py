@@ -28,7 +28,8 @@ def _is_environ(node: ast.expr) -> bool:
 def _name_argument(node: ast.AST) -> ast.expr | None:
     """The expression naming the variable, if ``node`` reads one."""
     if isinstance(node, ast.Subscript) and _is_environ(node.value):
-        return node.slice
+        # os.environ["X"] = … sets a variable for a child (the python step's HOME): not a read.
+        return node.slice if isinstance(node.ctx, ast.Load) else None
     if not isinstance(node, ast.Call) or not node.args:
         return None
     func = node.func
