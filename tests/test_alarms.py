@@ -19,6 +19,15 @@ def recorder(log: list[tuple[str, float]], name: str):  # type: ignore[no-untype
     return work
 
 
+async def quick_command(alarms: Alarms, log: list[tuple[str, float]], name: str, lasting: float) -> None:
+    """A command that ends after ``lasting`` s, before any of its three timers is due."""
+    async with trio.open_nursery() as command:
+        timers = [alarms.after(d, command, recorder(log, name)) for d in (0.05, 10, 15)]
+        await trio.sleep(lasting)
+        for timer in timers:
+            timer.cancel()
+
+
 async def test_alarms_fire_at_their_deadlines_in_the_commands_nursery(autojump_clock: trio.abc.Clock) -> None:
     alarms, log = Alarms(), []
     async with trio.open_nursery() as root:
@@ -43,11 +52,7 @@ async def test_a_cancelled_alarm_never_runs_and_never_wakes_the_timer(autojump_c
         await trio.testing.wait_all_tasks_blocked()
         # 100 quick commands, each with three timers it never needs: what a burst looks like.
         for i in range(100):
-            async with trio.open_nursery() as command:
-                timers = [alarms.after(d, command, recorder(log, f"{i}/{d}")) for d in (0.05, 10, 15)]
-                await trio.sleep(0.01)
-                for timer in timers:
-                    timer.cancel()
+            await quick_command(alarms, log, f"{i}", 0.01)
         assert alarms.pending == 0  # nothing left behind
         await trio.sleep(60)
         root.cancel_scope.cancel()
@@ -130,11 +135,7 @@ async def test_cancelled_alarms_behind_a_long_lived_one_do_not_pile_up(
         async with trio.open_nursery() as long_command:
             alarms.after(10, long_command, recorder(log, "long"))
             for i in range(5000):
-                async with trio.open_nursery() as command:
-                    timers = [alarms.after(d, command, recorder(log, f"{i}")) for d in (0.05, 10, 15)]
-                    await trio.sleep(0.001)
-                    for timer in timers:
-                        timer.cancel()
+                await quick_command(alarms, log, f"{i}", 0.001)
                 assert alarms.pending <= 1 + 2 * 257  # bounded, not 15 000
             await trio.sleep(10)
         root.cancel_scope.cancel()
