@@ -488,3 +488,49 @@ def test_the_keyword_names_of_main_are_read_as_inspect_reads_them() -> None:
     ):
         assert _parameters(fn) == by_inspect(fn), fn
     assert _parameters(len) == by_inspect(len)
+
+
+def test_the_fork_server_starts_and_captures_stderr_when_started_without_one(tmp_path: Path) -> None:
+    """A worker whose own stderr is closed starts the fork server without fd 2: the steps'
+    streams are made in the server, so it must cope (it points fd 2 at /dev/null first)."""
+    import array
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from noetl_worker.tools._forkserver import RUNNER
+
+    control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = subprocess.Popen(
+        [sys.executable, RUNNER, str(theirs.fileno()), "0", str(tmp_path)],
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(2),
+    )
+    theirs.close()
+    try:
+        control.settimeout(30)
+        assert control.recv(1) == b"R"
+        call, call_theirs = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        fds = array.array("i", [call_theirs.fileno(), out_w, err_w])
+        control.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+        for fd in (call_theirs.fileno(), out_w, err_w):
+            os.close(fd)
+        call_theirs.detach()
+        reader = call.makefile("rb")
+        call.settimeout(30)
+        assert "pid" in json.loads(reader.readline())
+        code = "import sys\ndef main():\n    print('to stderr', file=sys.stderr)\n    return 7\n"
+        call.sendall(json.dumps({"code": code, "args": {}}).encode() + b"\n")
+        assert json.loads(reader.readline()) == {"ok": True, "has_value": True, "data": 7}
+        assert os.read(err_r, 100) == b"to stderr\n"
+        os.close(out_r)
+        os.close(err_r)
+        call.close()
+    finally:
+        control.close()  # the server then kills its children and exits
+        assert server.wait(timeout=30) == 0

@@ -155,7 +155,7 @@ def _limit_memory(limit_mb: int) -> None:
 
 
 def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp") -> None:
-    global _SCRATCH_ROOT, _SERVER_PID
+    global _SCRATCH_ROOT, _SERVER_PID, _STREAMS
     _SCRATCH_ROOT, _SERVER_PID = scratch_root.rstrip("/"), os.getpid()
     _limit_memory(memory_limit_mb)
     control = socket.socket(fileno=control_fd)
@@ -172,6 +172,7 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    _STREAMS = _streams()
     # The request path once here too: what it creates on first use (caches, interned names)
     # then exists before the fork, instead of being allocated in every child (~15 page faults).
     _warm_up()
@@ -240,7 +241,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         os.mkdir(scratch, 0o700)
     os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # set for the step, not read
-    sys.stdout, sys.stderr = _STREAMS
+    sys.stdout, sys.stderr = _STREAMS or _streams()
     call = socket.socket(fileno=CALL_FD)
     call.setblocking(True)
     _warm_up()
@@ -272,9 +273,23 @@ def _text_stream(fd: int) -> io.TextIOWrapper:
     )  # fmt: skip
 
 
-# The step's sys.stdout/sys.stderr, made once here: they write to fds 1 and 2 by number, which
-# each child points at its own pipes, and nothing is ever written to them in the server.
-_STREAMS = (_text_stream(1), _text_stream(2))
+def _streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
+    """The steps' sys.stdout/sys.stderr, made once in the server: they write to fds 1 and 2 by
+    number, which each child points at its own pipes, and nothing is ever written to them in the
+    server. An fd the server was started without (a worker whose stderr is closed) gets
+    /dev/null first, or the stream could not be made."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    return _text_stream(1), _text_stream(2)
+
+
+_STREAMS: tuple[io.TextIOWrapper, io.TextIOWrapper] | None = None
 
 # One encoder for every outcome: json.dumps with an argument builds a new JSONEncoder per call.
 _encode = json.JSONEncoder(allow_nan=False).encode
