@@ -54,6 +54,12 @@ async def test_a_call_that_never_suspends_runs_in_place_and_one_that_does_is_fin
         assert results == ["flushed!"]
         assert order[-1] == "resumed with flushed"
 
+        async def yields_once() -> str:  # a bare yield, as asyncio.sleep(0) does
+            await asyncio.sleep(0)
+            return "after a turn"
+
+        assert await bus._call_now(yields_once) == "after a turn"
+
 
 async def test_nats_errors_become_bus_errors_on_both_paths() -> None:
     async def closed() -> None:

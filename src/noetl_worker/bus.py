@@ -92,7 +92,10 @@ async def _finish(coro: Any, waiting_on: Any) -> Any:
     until what it yielded is done, resume it, repeat."""
     try:
         while True:
-            await asyncio.wait([waiting_on])
+            if waiting_on is None:  # a bare yield (asyncio.sleep(0)): one turn of the loop
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([waiting_on])
             try:
                 waiting_on = coro.send(None)
             except StopIteration as done:
