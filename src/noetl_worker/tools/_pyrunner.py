@@ -50,6 +50,7 @@ import signal
 import socket
 import sys
 import traceback
+import types
 import uuid
 from typing import Any
 
@@ -296,8 +297,8 @@ _encode = json.JSONEncoder(allow_nan=False).encode
 
 
 def _read_line(sock: socket.socket) -> bytes:
-    """One line (the request) from a blocking socket; b"" if it closed first. Plain recv calls:
-    a makefile reader is more Python to run for the first time in every child."""
+    """One line (the request) from a blocking socket; b"" if it closed before a whole line.
+    Plain recv calls: a makefile reader is more Python to run for the first time in every child."""
     chunks = []
     while True:
         chunk = sock.recv(1 << 16)
@@ -389,8 +390,6 @@ def _step_value(namespace: dict[str, Any], before: dict[str, Any], args: dict[st
 
 
 _UNSET = object()
-_FunctionType = type(_noop)
-_CO_VARKEYWORDS = 0x08
 
 
 async def _await(value: Any) -> Any:
@@ -401,12 +400,12 @@ def _parameters(main: Any) -> tuple[set[str], bool] | None:
     """The names ``main`` takes by keyword, and whether it takes ``**kwargs``; None if unknown.
     A plain function's code object says it directly: inspect.signature builds Parameter objects
     through a good deal of Python, whose first run in each fresh child cost page faults."""
-    plain = type(main) is _FunctionType and not hasattr(main, "__wrapped__")
+    plain = type(main) is types.FunctionType and not hasattr(main, "__wrapped__")
     if plain and not hasattr(main, "__signature__"):
         code = main.__code__
         first = code.co_posonlyargcount
         last = code.co_argcount + code.co_kwonlyargcount
-        return set(code.co_varnames[first:last]), bool(code.co_flags & _CO_VARKEYWORDS)
+        return set(code.co_varnames[first:last]), bool(code.co_flags & inspect.CO_VARKEYWORDS)
     try:
         parameters = inspect.signature(main).parameters.values()
     except (TypeError, ValueError):
