@@ -59,7 +59,7 @@ class Alarms:
     _order: itertools.count[int] = attrs.field(factory=itertools.count)
     _scope: trio.CancelScope | None = None
     _cancelled: int = 0  # cancelled alarms still in the heap
-    wakeups: int = 0  # times the task woke to fire something (tests, bench)
+    wakeups: int = 0  # times the task woke to fire something (the tests read it)
 
     @property
     def pending(self) -> int:
