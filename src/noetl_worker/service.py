@@ -123,12 +123,14 @@ async def serve(
     bus: Any = None,
     plane: Any = None,
     http: bool = True,
+    settle: bool = False,
 ) -> int:
     """Run the worker until SIGTERM/SIGINT (or ``state.stop``); returns the exit code.
 
     ``bus`` and ``plane`` replace the NATS and HTTP adapters (tests run the whole tree against
     in-memory fakes under a MockClock, with ``http=False`` since a MockClock must never meet a
-    real socket).
+    real socket). ``settle``: freeze the start-up heap once ready (``memory.settle``; the worker
+    process does, an embedding host decides for its own heap).
     """
     state = state or WorkerState(settings.heartbeat_interval)
     async with AsyncExitStack() as stack:
@@ -180,7 +182,7 @@ async def serve(
             },
         )
         try:
-            await _run_tree(settings, state, rt, bus, metrics, handle_signals, http)
+            await _run_tree(settings, state, rt, bus, metrics, handle_signals, http, settle)
         finally:
             with trio.CancelScope(shield=True):
                 await rt.resources.aclose()
@@ -206,6 +208,7 @@ async def _run_tree(
     metrics: Metrics,
     handle_signals: bool,
     http: bool,
+    settle: bool,
 ) -> None:
     app = make_app(metrics, state.readiness, state.events)
     http_stop = trio.Event()
@@ -220,6 +223,8 @@ async def _run_tree(
             background.start_soon(supervise, "heartbeat", lambda: _heartbeat(rt, state), metrics)
             background.start_soon(supervise, "lag-poller", lambda: _lag_poller(rt, bus), metrics)
             background.start_soon(_ready_gauge, state, metrics)
+            if settle:
+                background.start_soon(memory.settle_when_ready, state.ready)
             # Outlives the execution nursery: commands draining still have their timers.
             background.start_soon(supervise, "alarms", rt.alarms.run, metrics)
             procs.launcher()  # started now, so the first shell step does not wait for it
@@ -516,7 +521,7 @@ async def _admit(
 def run(settings: Settings, **kwargs: Any) -> int:
     """Run the worker; exit code 2 (one line, no traceback) when the metrics port is taken."""
     try:
-        return trio.run(lambda: serve(settings, **kwargs))
+        return trio.run(lambda: serve(settings, settle=True, **kwargs))
     except BaseExceptionGroup as group:
         bind_errors = group.split(BindError)[0]
         if bind_errors is None:
