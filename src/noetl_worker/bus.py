@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from .config import Settings
-from .errors import BusError
+from .errors import BusError, describe
 from .metrics import Metrics
 from .pull_credit import PullCredit
 from .retry import NATS_RECONNECT_WAIT, RetryPolicy
@@ -58,10 +58,6 @@ _NATS_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".rstrip(": ")
-
-
 async def _call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run one nats-py coroutine from trio and translate its errors to BusError."""
     try:
@@ -71,7 +67,7 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T
     except _NATS_ERRORS as exc:
         # publish_async can turn a cancellation into TooManyStalledMsgsError: re-check.
         await trio.lowlevel.checkpoint_if_cancelled()
-        raise BusError(_describe(exc)) from exc
+        raise BusError(describe(exc)) from exc
 
 
 async def _call_now(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
@@ -87,7 +83,7 @@ async def _call_now(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]  # StopIteration.value is Any
     except _NATS_ERRORS as exc:
-        raise BusError(_describe(exc)) from exc
+        raise BusError(describe(exc)) from exc
     return await _call(_finish, coro, waiting_on)
 
 
@@ -203,7 +199,7 @@ class Bus:
         settings = self.settings
 
         async def error_cb(exc: Exception) -> None:
-            text = _describe(exc)
+            text = describe(exc)
             if self._nc is not None and (self._nc.is_reconnecting or self._nc.is_connecting):
                 # One line per reconnect step comes from reconnect_handler, naming this error.
                 # (nats-py reports a failed attempt's error while the client is still

@@ -8,6 +8,12 @@ never see a third-party exception type.
 from __future__ import annotations
 
 
+def describe(exc: BaseException) -> str:
+    """A library exception as ``Type: message`` (just ``Type`` when it has no message), the text
+    the adapters wrap when they translate it."""
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
 class WorkerError(Exception):
     """Base class of every error the worker raises on purpose."""
 

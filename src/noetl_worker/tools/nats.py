@@ -37,7 +37,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 
-from ..errors import ToolConfigError, ToolError
+from ..errors import ToolConfigError, ToolError, describe
 from ..retry import NATS_RECONNECT_WAIT
 from . import _fields
 from .base import ToolContext, ToolResult
@@ -79,8 +79,7 @@ async def _aio(what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs:
     except (nats.errors.Error, TimeoutError, OSError) as exc:
         # nats-py may turn a cancellation into another error (TooManyStalledMsgsError): re-check.
         await trio.lowlevel.checkpoint_if_cancelled()
-        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
-        raise NatsOperationError(f"nats {what} failed: {detail}") from exc
+        raise NatsOperationError(f"nats {what} failed: {describe(exc)}") from exc
 
 
 # --- connections ------------------------------------------------------------------------
