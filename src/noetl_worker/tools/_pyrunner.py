@@ -156,7 +156,7 @@ def _limit_memory(limit_mb: int) -> None:
 
 
 def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp") -> None:
-    global _SCRATCH_ROOT, _SERVER_PID, _STREAMS
+    global _SCRATCH_ROOT, _SERVER_PID
     _SCRATCH_ROOT, _SERVER_PID = scratch_root.rstrip("/"), os.getpid()
     _limit_memory(memory_limit_mb)
     control = socket.socket(fileno=control_fd)
@@ -173,7 +173,7 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    _STREAMS = _streams()
+    streams = _streams()
     # The request path once here too: what it creates on first use (caches, interned names)
     # then exists before the fork, instead of being allocated in every child (~15 page faults).
     _warm_up()
@@ -207,7 +207,7 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
             pid = os.fork()
             if pid == 0:
                 try:
-                    _child(call_fd, out_fd, err_fd)
+                    _child(call_fd, out_fd, err_fd, streams)
                 finally:
                     os._exit(70)
             os.close(out_fd)
@@ -216,7 +216,9 @@ def serve(control_fd: int, memory_limit_mb: int = 0, scratch_root: str = "/tmp")
         _reap(children)
 
 
-def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
+def _child(
+    call_fd: int, out_fd: int, err_fd: int, streams: tuple[io.TextIOWrapper, io.TextIOWrapper]
+) -> None:
     os.setsid()
     signal.set_wakeup_fd(-1)
     # The C module's own call: signal.signal converts to and from enums in Python, which a
@@ -242,7 +244,7 @@ def _child(call_fd: int, out_fd: int, err_fd: int) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
         os.mkdir(scratch, 0o700)
     os.environ["HOME"] = os.environ["TMPDIR"] = scratch  # set for the step, not read
-    sys.stdout, sys.stderr = _STREAMS or _streams()
+    sys.stdout, sys.stderr = streams
     call = socket.socket(fileno=CALL_FD)
     call.setblocking(True)
     _warm_up()
@@ -289,8 +291,6 @@ def _streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
                 os.close(null)
     return _text_stream(1), _text_stream(2)
 
-
-_STREAMS: tuple[io.TextIOWrapper, io.TextIOWrapper] | None = None
 
 # One encoder for every outcome: json.dumps with an argument builds a new JSONEncoder per call.
 _encode = json.JSONEncoder(allow_nan=False).encode
