@@ -47,3 +47,81 @@ def rss_mib(pid: int) -> float:
 def hwm_mib(pid: int) -> float:
     """Peak RSS of the process so far."""
     return _status_mib(pid, "VmHWM:")
+
+
+def thread_runtimes(pid: int) -> dict[int, int]:
+    """Nanoseconds each live thread of ``pid`` has run (``/proc/<pid>/task/*/schedstat``: the
+    scheduler's own clock, not the 10 ms ticks of ``stat``). Threads that exit while it reads
+    are left out."""
+    runtimes: dict[int, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return runtimes
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                runtimes[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return runtimes
+
+
+def machine_steal_ticks() -> int:
+    """Ticks this VM's vCPUs were runnable but not run by the host (``/proc/stat`` ``steal``)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) if len(fields) > 8 else 0
+
+
+class WakeupLog:
+    """Samples a process's threads from outside every ``period`` s (reading /proc costs the
+    process nothing) and keeps each period in which one of them ran more than ``threshold_ms``:
+    when an idle reading comes out high, it says when, in which thread, and whether the host
+    was stealing the vCPUs at the time."""
+
+    def __init__(self, pid: int, threshold_ms: float = 2.0) -> None:
+        self.pid = pid
+        self.threshold_ns = int(threshold_ms * 1e6)
+        self.busy: list[dict[str, float]] = []
+        self.total_ns = 0
+        self.threads_seen: set[int] = set()
+        self.steal_ticks = 0
+
+    async def run(self, seconds: float, period: float = 0.05) -> None:
+        import time
+
+        import trio
+
+        start = time.monotonic()
+        before, steal0 = thread_runtimes(self.pid), machine_steal_ticks()
+        self.threads_seen.update(before)
+        steal = steal0
+        while time.monotonic() - start < seconds:
+            await trio.sleep(period)
+            now, steal_now = thread_runtimes(self.pid), machine_steal_ticks()
+            for tid, ns in now.items():
+                ran = ns - before.get(tid, 0)
+                self.total_ns += ran
+                if ran > self.threshold_ns:
+                    self.busy.append(
+                        {
+                            "at_s": round(time.monotonic() - start, 3),
+                            "thread": tid,
+                            "main": float(tid == self.pid),
+                            "ms": round(ran / 1e6, 2),
+                            "steal_ticks": steal_now - steal,
+                        }
+                    )
+            self.threads_seen.update(now)
+            before, steal = now, steal_now
+        self.steal_ticks = steal - steal0
+
+    def summary(self, top: int = 5) -> str:
+        worst = sorted(self.busy, key=lambda b: -b["ms"])[:top]
+        parts = []
+        for b in worst:
+            where = "main" if b["main"] else f"thread {int(b['thread'])}"
+            steal = f", steal {int(b['steal_ticks'])}" if b["steal_ticks"] else ""
+            parts.append(f"{b['ms']:.1f} ms at {b['at_s']:.2f}s ({where}{steal})")
+        return ", ".join(parts) if parts else "none"

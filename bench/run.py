@@ -174,6 +174,12 @@ BENCHES = (
             ),
             Check("idle RSS", lambda o: o["idle_rss_mib"], "≤ 45", lambda v, o: v <= 45, "MiB"),
             Check("idle CPU", lambda o: o["idle_millicores"], "< 5", lambda v, o: v < 5, "millicores"),
+            info("  on the scheduler's clock", lambda o: o["idle_sched_millicores"], "millicores"),
+            info(
+                "  busiest 50 ms of the idle window",
+                lambda o: max([b["ms"] for b in o["idle_busy_periods"]], default=0.0),
+                "ms",
+            ),
             Check(
                 "peak RSS (16-wide bursts)", lambda o: o["peak_rss_mib"], "≤ 80", lambda v, o: v <= 80, "MiB"
             ),
@@ -193,6 +199,11 @@ BENCHES = (
                 "ms",
             ),
             info("  worker CPU per step", lambda o: o["spaced"]["cpu_ms"], "ms"),
+            info("  fork server + child CPU per step", lambda o: o["spaced"]["isolation_cpu_ms"], "ms"),
+            info(
+                "  page faults per step (fork server + child)",
+                lambda o: o["spaced"]["fork_server_faults"] + o["spaced"]["child_faults"],
+            ),
             info("  back to back, p50", lambda o: o["back_to_back"]["p50_ms"], "ms"),
         ),
     ),

@@ -37,7 +37,7 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from procstat import cpu_seconds, hwm_mib, rss_mib
+from procstat import WakeupLog, cpu_seconds, hwm_mib, rss_mib
 
 from noetl_worker.testing import (
     StubCommand,
@@ -146,11 +146,18 @@ async def run(args: argparse.Namespace) -> None:
         await trio.sleep(2)  # let start-up stragglers (first heartbeat, lag poll) settle
 
         # (a) idle
+        wakeups = WakeupLog(pid)
         cpu0, wall0 = cpu_seconds(pid), time.monotonic()
-        await trio.sleep(args.idle)
+        await wakeups.run(args.idle)
         cpu1, wall1 = cpu_seconds(pid), time.monotonic()
         out["idle_rss_mib"] = rss_mib(pid)
         out["idle_millicores"] = 1000 * (cpu1 - cpu0) / (wall1 - wall0)
+        # The same window on the scheduler's clock, threads still alive at its end only; and
+        # every 50 ms in which a thread ran over 2 ms, so a high reading names when and where.
+        out["idle_sched_millicores"] = wakeups.total_ns / 1e6 / (wall1 - wall0)
+        out["idle_busy_periods"] = wakeups.busy
+        out["idle_busy_summary"] = wakeups.summary()
+        out["idle_steal_ticks"] = wakeups.steal_ticks
         out["idle_load"] = os.getloadavg()[0]
 
         # (b) bursts, the worker and the naive loop alternating
@@ -243,6 +250,10 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
     print(
         f"(a) idle {args.idle:g}s: RSS {out['idle_rss_mib']:.1f} MiB, "
         f"CPU {out['idle_millicores']:.1f} millicores (load {out['idle_load']:.2f})"
+    )
+    print(
+        f"    scheduler clock {out['idle_sched_millicores']:.1f} millicores; host steal "
+        f"{out['idle_steal_ticks']} ticks; periods over 2 ms: {out['idle_busy_summary']}"
     )
     for i, r in enumerate(out["rounds"], 1):
         line = (

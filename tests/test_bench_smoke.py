@@ -41,6 +41,11 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
     assert results["throughput"]["ratio_worker_over_naive"] > 0
     assert results["throughput"]["steady_n"] > 0
     assert results["python"]["spaced"]["p50_ms"] > 0
+    assert results["python"]["spaced"]["child_faults"] > 0  # every fresh child copies pages
+    # the idle window read on the scheduler's clock too (0.5 s: the worker may not wake in it)
+    assert isinstance(results["throughput"]["idle_sched_millicores"], float)
+    assert isinstance(results["throughput"]["idle_busy_periods"], list)
+    assert "busiest 50 ms of the idle window" in out
     assert results["result"]["json_mib"] > 0 and results["result"]["cpu_s"] > 0
     transfer = results["transfer"]
     assert (transfer["rows"], transfer["chunks"]) == (2000, 4) and transfer["rows_per_s"] > 0
