@@ -50,7 +50,8 @@ async def test_a_step_sees_a_clean_environment_not_the_workers(ctx: ToolContext)
     code = (
         "import os, tempfile\n"
         "def main():\n"
-        "    open(os.path.join(os.environ['HOME'], 'probe'), 'w').write('x')\n"
+        "    os.makedirs(os.path.join(os.environ['HOME'], 'a', 'b'))\n"
+        "    open(os.path.join(os.environ['HOME'], 'a', 'b', 'probe'), 'w').write('x')\n"
         "    return {'env': dict(os.environ), 'tmp': tempfile.gettempdir()}\n"
     )
     result = await run({"code": code, "env": {"GREETING": "hi"}}, ctx)
@@ -67,6 +68,11 @@ async def test_a_step_sees_a_clean_environment_not_the_workers(ctx: ToolContext)
         await poll_until(lambda: not os.path.exists(env["HOME"]), 0.02)
     second = await run({"code": code}, ctx)
     assert second.data["env"]["HOME"] != env["HOME"]
+    # A step that leaves its scratch directory empty (the common case) loses it too.
+    empty = await run({"code": "import os\ndef main():\n    return os.environ['HOME']\n"}, ctx)
+    assert empty.status == "success", empty.error
+    with trio.fail_after(10):
+        await poll_until(lambda: not os.path.exists(empty.data), 0.02)
 
 
 async def test_a_forked_process_neither_holds_the_step_nor_takes_its_result(

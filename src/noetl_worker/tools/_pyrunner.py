@@ -113,7 +113,7 @@ def _reap(children: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
+        _remove_scratch(pid)
         fd = children.pop(pid, None)
         if fd is not None:
             _send_line(fd, {"exit": os.waitstatus_to_exitcode(status)})
@@ -131,7 +131,7 @@ def _shutdown(children: dict[int, int]) -> None:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-        shutil.rmtree(_scratch_dir(pid), ignore_errors=True)
+        _remove_scratch(pid)
         os.close(fd)
 
 
@@ -142,6 +142,18 @@ _SERVER_PID = 0
 def _scratch_dir(pid: int) -> str:
     """The child's scratch HOME/TMPDIR (made by the child, removed by the server on reaping)."""
     return f"{_SCRATCH_ROOT}/noetl-py-{_SERVER_PID}-{pid}"
+
+
+def _remove_scratch(pid: int) -> None:
+    """Most steps leave their scratch directory empty: one rmdir then, instead of rmtree's
+    dozen calls (open, stat, scandir, …) for every step."""
+    path = _scratch_dir(pid)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass  # the child died before making it
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _limit_memory(limit_mb: int) -> None:
@@ -309,7 +321,12 @@ def _read_line(sock: socket.socket) -> bytes:
             return b"".join(chunks)
 
 
-_WARM_UP = {"code": "def main(x):\n    return [x, {'k': 1.5}]\n", "args": {"x": "y"}}
+_WARM_SOURCE = "def main(x):\n    return [x, {'k': 1.5}]\n"
+_WARM_UP: dict[str, Any] = {"code": _WARM_SOURCE, "args": {"x": "y"}}
+
+
+# Compiled once, in the server: compiling it again in every child cost ~0.1 ms of CPU per step.
+_WARM_CODE = compile(_WARM_SOURCE, "<warm-up>", "exec")
 
 
 def _warm_up() -> None:
@@ -317,10 +334,10 @@ def _warm_up() -> None:
     copy-on-write page faults a first run takes (~1 ms here) then happen before, not during,
     the step."""
     json.loads(json.dumps(_WARM_UP))
-    _encode(_execute(_WARM_UP))
+    _encode(_execute(_WARM_UP, _WARM_CODE))
 
 
-def _execute(request: dict[str, Any]) -> dict[str, Any]:
+def _execute(request: dict[str, Any], compiled: types.CodeType | None = None) -> dict[str, Any]:
     try:
         os.environ.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
         if request.get("cwd"):
@@ -342,7 +359,9 @@ def _execute(request: dict[str, Any]) -> dict[str, Any]:
         namespace["args"] = args
         _import_libs(namespace, request.get("libs") or [])
         before = dict(namespace)
-        code = compile(request["code"], request.get("filename", "<python step>"), "exec")
+        code = compiled
+        if code is None:
+            code = compile(request["code"], request.get("filename", "<python step>"), "exec")
         try:
             exec(code, namespace)
         except SystemExit as exc:
