@@ -18,10 +18,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import trio
-from procstat import cpu_seconds, processes
+from procstat import TICK, processes
 
 from noetl_worker import templating
 from noetl_worker.config import Settings
@@ -40,38 +41,32 @@ def cold(n: int) -> float:
     return (time.perf_counter() - started) / n * 1000
 
 
-def isolation_cpu_s(children: bool = True) -> float:
-    """CPU of the fork servers this process started, their reaped children included: what the
-    isolation (a fresh child per step) costs on top of the worker's own CPU."""
-    me, total = os.getpid(), 0.0
+def fork_servers() -> Iterator[list[str]]:
+    """``/proc/<pid>/stat`` fields of each python fork server this process started."""
+    me = os.getpid()
     for pid, fields in processes():
         if int(fields[1]) != me:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"_pyrunner" in f.read():
-                    total += cpu_seconds(pid, children=children)
+                    yield fields
         except OSError:
             continue
-    return total
+
+
+def isolation_cpu_s(children: bool = True) -> float:
+    """CPU of the fork servers this process started, their reaped children included: what the
+    isolation (a fresh child per step) costs on top of the worker's own CPU."""
+    return sum(sum(int(x) for x in fields[11 : 15 if children else 13]) / TICK for fields in fork_servers())
 
 
 def isolation_faults() -> tuple[int, int]:
     """Minor page faults of the fork servers this process started: (their own, their reaped
     children's). Deterministic where CPU time is not: nearly all of them are copy-on-write
     copies, the price of a fresh child per step."""
-    me, own, children = os.getpid(), 0, 0
-    for pid, fields in processes():
-        if int(fields[1]) != me:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"_pyrunner" in f.read():
-                    own += int(fields[7])  # minflt
-                    children += int(fields[8])  # cminflt
-        except OSError:
-            continue
-    return own, children
+    servers = list(fork_servers())
+    return sum(int(f[7]) for f in servers), sum(int(f[8]) for f in servers)  # minflt, cminflt
 
 
 async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, float]:
