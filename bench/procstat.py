@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from typing import Any
+
+import trio
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -83,19 +87,13 @@ class WakeupLog:
     def __init__(self, pid: int, threshold_ms: float = 2.0) -> None:
         self.pid = pid
         self.threshold_ns = int(threshold_ms * 1e6)
-        self.busy: list[dict[str, float]] = []
-        self.total_ns = 0
-        self.threads_seen: set[int] = set()
+        self.busy: list[dict[str, Any]] = []
+        self.total_ns = 0  # threads alive at the end of a period only
         self.steal_ticks = 0
 
     async def run(self, seconds: float, period: float = 0.05) -> None:
-        import time
-
-        import trio
-
         start = time.monotonic()
         before, steal0 = thread_runtimes(self.pid), machine_steal_ticks()
-        self.threads_seen.update(before)
         steal = steal0
         while time.monotonic() - start < seconds:
             await trio.sleep(period)
@@ -108,12 +106,11 @@ class WakeupLog:
                         {
                             "at_s": round(time.monotonic() - start, 3),
                             "thread": tid,
-                            "main": float(tid == self.pid),
+                            "main": tid == self.pid,
                             "ms": round(ran / 1e6, 2),
                             "steal_ticks": steal_now - steal,
                         }
                     )
-            self.threads_seen.update(now)
             before, steal = now, steal_now
         self.steal_ticks = steal - steal0
 
