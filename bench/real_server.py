@@ -20,7 +20,8 @@ Per worker and workload: wall time (execute → ``playbook.completed`` event), s
 timestamps (``command.claimed`` → ``call.done`` of the same command id), worker CPU ms per
 command (utime + stime of the worker's whole process group from /proc, children included — for
 ours that is the python fork server and a fresh child per step — and of the main process alone),
-and the worker's idle RSS (process group, after start-up and again after the workloads).
+and the worker's idle RSS and PSS (process group, after start-up and again after the workloads;
+PSS counts a page the fork server shares with its waiting children once, RSS once per process).
 """
 
 from __future__ import annotations
@@ -117,6 +118,23 @@ def group_rss_mib(pgid: int) -> float:
     for pid in group_pids(pgid):
         try:
             total += rss_mib(pid)
+        except OSError:
+            continue
+    return total
+
+
+def group_pss_mib(pgid: int) -> float:
+    """The process group's proportional set size: a page shared by n processes counts 1/n in
+    each, so the fork server and its waiting children (which share most of their pages) are
+    not counted several times over, as the sum of their RSS counts them."""
+    total = 0.0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) / 1024
+                        break
         except OSError:
             continue
     return total
@@ -224,7 +242,10 @@ def main() -> int:
         for name, stack in stacks.items():
             time.sleep(5)  # let start-up settle before the idle reading
             worker = worker_proc(stack)
-            results["workers"][name] = {"idle_rss_mib_at_start": round(group_rss_mib(worker.pid), 1)}
+            results["workers"][name] = {
+                "idle_rss_mib_at_start": round(group_rss_mib(worker.pid), 1),
+                "idle_pss_mib_at_start": round(group_pss_mib(worker.pid), 1),
+            }
         for name, stack in stacks.items():
             # warm-up (first python step, connections) outside the measurement
             stack.run(THREE_STEPS, timeout=300, worker=name)
@@ -244,6 +265,7 @@ def main() -> int:
             time.sleep(2)
             worker = worker_proc(stack)
             results["workers"][name]["idle_rss_mib_after"] = round(group_rss_mib(worker.pid), 1)
+            results["workers"][name]["idle_pss_mib_after"] = round(group_pss_mib(worker.pid), 1)
     results["load_average"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     if args.out:

@@ -101,6 +101,15 @@ def _real_server_checks() -> list[Check]:
                 _real(workload, "claim_to_done_p50_ms"),
             ),
         ]
+    checks.append(
+        info(
+            "real server: idle PSS after the workloads, ours / noetl's (process groups)",
+            lambda o: (
+                float(o["workers"]["ours"]["idle_pss_mib_after"])
+                / float(o["workers"]["noetl"]["idle_pss_mib_after"])
+            ),
+        )
+    )
     return checks
 
 
