@@ -19,6 +19,12 @@ def stat_fields(pid: int) -> list[str]:
         return f.read().rsplit(")", 1)[1].split()
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, or NaN when b read zero: CPU from ``stat`` comes in 10 ms ticks, and a short run
+    on a fast machine can fall under one (a smoke run's burst did)."""
+    return a / b if b else float("nan")
+
+
 def cpu_seconds(pid: int, *, children: bool = False) -> float:
     """utime + stime of one process (its threads included), plus its reaped children's with
     ``children``."""

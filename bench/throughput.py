@@ -37,7 +37,7 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from procstat import WakeupLog, cpu_seconds, hwm_mib, rss_mib
+from procstat import WakeupLog, cpu_seconds, hwm_mib, ratio, rss_mib
 
 from noetl_worker.testing import (
     StubCommand,
@@ -168,7 +168,7 @@ async def run(args: argparse.Namespace) -> None:
             if bare is not None:
                 rate, cpu, load = await burst(pub, state, note, pub.subject, bare.pid, args.commands)
                 row.update(naive_cmd_per_s=rate, naive_cpu_ms=cpu, naive_load=load)
-                row["ratio"] = row["worker_cpu_ms"] / row["naive_cpu_ms"]
+                row["ratio"] = ratio(row["worker_cpu_ms"], row["naive_cpu_ms"])
             rounds.append(row)
         out["rounds"] = rounds
         out["burst_cmd_per_s"] = statistics.median(r["worker_cmd_per_s"] for r in rounds)
@@ -277,8 +277,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
     if "naive_steady_cpu_ms_per_cmd" in out:
         paced, burst = out["naive_steady_cpu_ms_per_cmd"], out["naive_cpu_ms_per_cmd"]
         print(
-            f"    naive loop paced: {paced:.2f} ms/cmd ({paced / burst:.2f} x its burst); "
-            f"worker paced {out['steady_cpu_ms_per_cmd'] / out['burst_cpu_ms_per_cmd']:.2f} x its burst"
+            f"    naive loop paced: {paced:.2f} ms/cmd ({ratio(paced, burst):.2f} x its burst); "
+            f"worker paced {ratio(out['steady_cpu_ms_per_cmd'], out['burst_cpu_ms_per_cmd']):.2f} x its burst"
         )
     print(f"worker exit code after SIGTERM: {out['worker_exit']} (after {out['worker_exit_s']:.2f}s)")
     if args.json:
