@@ -75,11 +75,11 @@ def _paced_over_burst(o: dict[str, Any]) -> float:
 def _real(workload: str, field: str) -> Callable[[dict[str, Any]], float]:
     """ours / noetl's for one number of one real-server workload."""
 
-    def ratio(o: dict[str, Any]) -> float:
+    def ours_over_noetl(o: dict[str, Any]) -> float:
         workers = o["workers"]
         return ratio(float(workers["ours"][workload][field]), float(workers["noetl"][workload][field]))
 
-    return ratio
+    return ours_over_noetl
 
 
 def _real_server_checks() -> list[Check]:
