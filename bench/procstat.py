@@ -42,8 +42,9 @@ def processes() -> Iterator[tuple[int, list[str]]]:
                 continue
 
 
-def _status_mib(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
+def _status_mib(pid: int, key: str, file: str = "status") -> float:
+    """A ``Key: <n> kB`` line of ``/proc/<pid>/<file>`` in MiB (NaN when the key is absent)."""
+    with open(f"/proc/{pid}/{file}") as f:
         for line in f:
             if line.startswith(key):
                 return int(line.split()[1]) / 1024
@@ -57,6 +58,11 @@ def rss_mib(pid: int) -> float:
 def hwm_mib(pid: int) -> float:
     """Peak RSS of the process so far."""
     return _status_mib(pid, "VmHWM:")
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size: a page shared by n processes counts 1/n in each."""
+    return _status_mib(pid, "Pss:", "smaps_rollup")
 
 
 def thread_runtimes(pid: int) -> dict[int, int]:

@@ -82,14 +82,15 @@ async def series(tool: Any, ctx: ToolContext, n: int, gap: float) -> dict[str, f
         assert result.data == 1, result
         if gap:
             await trio.sleep(gap)
+    faults1 = isolation_faults()
     return {
         "p50_ms": 1000 * statistics.median(walls),
         "mean_ms": 1000 * statistics.fmean(walls),
         "cpu_ms": 1000 * cpu / n,
         "isolation_cpu_ms": 1000 * (isolation_cpu_s() - isolation0) / n,
         "fork_server_cpu_ms": 1000 * (isolation_cpu_s(children=False) - server0) / n,
-        "fork_server_faults": (isolation_faults()[0] - faults0[0]) / n,
-        "child_faults": (isolation_faults()[1] - faults0[1]) / n,
+        "fork_server_faults": (faults1[0] - faults0[0]) / n,
+        "child_faults": (faults1[1] - faults0[1]) / n,
         "load": os.getloadavg()[0],
     }
 

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from procstat import TICK, cpu_seconds, processes, rss_mib  # noqa: E402
+from procstat import TICK, cpu_seconds, processes, pss_mib, rss_mib  # noqa: E402
 from tests.interop.harness import Proc, Run, Stack, event_result, open_stacks  # noqa: E402
 
 LOOP = """
@@ -113,31 +114,24 @@ def process_cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def group_rss_mib(pgid: int) -> float:
+def _group_mib(pgid: int, per_process: Callable[[int], float]) -> float:
     total = 0.0
     for pid in group_pids(pgid):
         try:
-            total += rss_mib(pid)
+            total += per_process(pid)
         except OSError:
             continue
     return total
+
+
+def group_rss_mib(pgid: int) -> float:
+    return _group_mib(pgid, rss_mib)
 
 
 def group_pss_mib(pgid: int) -> float:
-    """The process group's proportional set size: a page shared by n processes counts 1/n in
-    each, so the fork server and its waiting children (which share most of their pages) are
-    not counted several times over, as the sum of their RSS counts them."""
-    total = 0.0
-    for pid in group_pids(pgid):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) / 1024
-                        break
-        except OSError:
-            continue
-    return total
+    """The process group's proportional set size: the fork server and its waiting children share
+    most of their pages, which the sum of their RSS counts once per process."""
+    return _group_mib(pgid, pss_mib)
 
 
 def _ts(event: dict[str, Any]) -> float:

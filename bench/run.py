@@ -35,12 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from procstat import ratio  # bench/, sys.path[0] when run as a script
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-
-from procstat import ratio  # noqa: E402
 
 
 @attrs.frozen
