@@ -83,6 +83,28 @@ def thread_runtimes(pid: int) -> dict[int, int]:
     return runtimes
 
 
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches summed over the live threads of ``pid``: a
+    voluntary one is the thread going to sleep (waiting for I/O or a timer), so per command it
+    counts the wake-ups the command cost."""
+    voluntary = involuntary = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        voluntary += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        involuntary += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return voluntary, involuntary
+
+
 def machine_steal_ticks() -> int:
     """Ticks this VM's vCPUs were runnable but not run by the host (``/proc/stat`` ``steal``)."""
     with open("/proc/stat") as f:

@@ -9,7 +9,7 @@ prints with ``--json``:
   of pure-Python work back to back and after a 50 ms sleep (what a paced worker does), which the
   paced/burst row is then divided by;
 - ``throughput``  bench/throughput.py: the worker and the naive design-card loop alternating
-  (bursts of 500 at concurrency 16), paced 20/s, idle;
+  (bursts of 500 at concurrency 16), one command at a time back to back, paced 20/s, idle;
 - ``python``      bench/python_tool.py: a trivial python step through the tool, warm;
 - ``result``      bench/result_reference.py: a 50 MB tabular result, scrub + PUT + shared memory;
 - ``transfer``    bench/transfer.py: the transfer tool moving 1,000,000 rows from PostgreSQL
@@ -80,6 +80,20 @@ def _real(workload: str, field: str) -> Callable[[dict[str, Any]], float]:
     return ours_over_noetl
 
 
+def _isolation_over_budget(workload: str) -> Callable[[dict[str, Any]], float]:
+    """What our python fork server and step children cost per command (the process group less
+    the main process), over the whole per-command budget the ≤ 1/3 target leaves: above 1, the
+    isolation alone is over it, before the worker has done any work of its own."""
+
+    def isolation_over_budget(o: dict[str, Any]) -> float:
+        ours, noetl = o["workers"]["ours"][workload], o["workers"]["noetl"][workload]
+        group, main = ours["worker_cpu_ms_per_command"], ours["worker_process_cpu_ms_per_command"]
+        isolation = float(group) - float(main)
+        return ratio(isolation, float(noetl["worker_cpu_ms_per_command"]) / 3)
+
+    return isolation_over_budget
+
+
 def _real_server_checks() -> list[Check]:
     checks = []
     for workload, label in (("loop", "loop x200"), ("concurrent", "50 x 3 steps")):
@@ -95,6 +109,10 @@ def _real_server_checks() -> list[Check]:
                 _real(workload, "worker_process_cpu_ms_per_command"),
                 "≤ 0.33",
                 lambda v, o: v <= 1 / 3,
+            ),
+            info(
+                "  ours: step isolation alone / a third of noetl's CPU",
+                _isolation_over_budget(workload),
             ),
             Check("  wall ours / noetl's", _real(workload, "wall_s"), "< 1", lambda v, o: v < 1),
             info(
@@ -172,6 +190,22 @@ BENCHES = (
                 lambda o: ratio(_paced_over_burst(o), float(o["_idle_penalty"]["penalty"])),
                 needs="idle_penalty",
             ),
+            info(
+                "one at a time, back to back: worker CPU per command",
+                lambda o: o["serial_cpu_ms_per_cmd"],
+                "ms",
+            ),
+            info(
+                "  paced / one at a time: worker (what the idle gap alone costs)",
+                lambda o: ratio(float(o["steady_cpu_ms_per_cmd"]), float(o["serial_cpu_ms_per_cmd"])),
+            ),
+            info(
+                "  paced / one at a time: naive loop",
+                lambda o: ratio(
+                    float(o["naive_steady_cpu_ms_per_cmd"]), float(o["naive_serial_cpu_ms_per_cmd"])
+                ),
+            ),
+            info("  paced: worker sleeps per command", lambda o: o["steady_sleeps_per_cmd"]),
             Check(
                 "paced 20/s: publish→claim p50", lambda o: o["steady_p50_ms"], "< 5", lambda v, o: v < 5, "ms"
             ),

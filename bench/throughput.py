@@ -13,9 +13,14 @@ run, so each one's CPU (utime + stime from /proc) is measured alone. Phases:
 (b) bursts, alternating: N no-op commands published at once to the worker, then N to the naive
     loop, ``--rounds`` times; commands/s and CPU ms per command until every command is terminal
     in the stub; the ratio is taken per round (the machine's load changes between rounds);
-(c) steady: ``--rate`` commands/s for ``--steady`` s to the worker; publish→claim latency = the
-    stub's receive time of the claim request minus the time just before the publish (one clock:
-    the bench process).
+(c) one at a time: N/5 commands to the worker, each published once the one before it is
+    terminal, then the same to the naive loop. A command then shares no fetch, event batch or
+    ack flush with another, as at a low rate, but the process never idles long before it: the
+    figure between the burst's and the paced one;
+(d) steady: ``--rate`` commands/s for ``--steady`` s to the worker, then to the naive loop;
+    publish→claim latency = the stub's receive time of the claim request minus the time just
+    before the publish (one clock: the bench process). Voluntary context switches per command
+    count how often the worker went to sleep for one.
 
 The stub's HTTP server and nats-server share the machine with the worker; the stub's CPU is not
 counted, but it competes for the same cores.
@@ -37,7 +42,7 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from procstat import WakeupLog, cpu_seconds, hwm_mib, ratio, rss_mib
+from procstat import WakeupLog, context_switches, cpu_seconds, hwm_mib, ratio, rss_mib
 
 from noetl_worker.testing import (
     StubCommand,
@@ -180,19 +185,31 @@ async def run(args: argparse.Namespace) -> None:
             out["naive_rss_mib"] = rss_mib(bare.pid)
         out["peak_rss_mib"] = hwm_mib(pid)
 
-        # (c) steady rate: the worker, then the naive loop (its paced/burst ratio is the
-        # machine's own price of waking up for every command)
+        # (c) one at a time, back to back: no batching to share, no idle gap either; between the
+        # burst and the paced figure, it says how much of the paced cost is each
+        out["serial_n"] = n = max(1, args.commands // 5)
+        out["serial_cpu_ms_per_cmd"], switches = await serial(pub, state, note, WORKER_SUBJECT, pid, n)
+        out["serial_sleeps_per_cmd"] = switches[0]
+        if bare is not None:
+            out["naive_serial_cpu_ms_per_cmd"], _ = await serial(pub, state, note, pub.subject, bare.pid, n)
+
+        # (d) steady rate: the worker, then the naive loop (which batches nothing: its paced over
+        # its one-at-a-time figure is the machine's own price of the idle gap)
         steady_n = max(1, int(args.rate * args.steady))
-        lat, cpu_ms = await steady(pub, state, note, WORKER_SUBJECT, pid, steady_n, args.rate)
+        lat, cpu_ms, switches = await steady(pub, state, note, WORKER_SUBJECT, pid, steady_n, args.rate)
         out["steady_n"] = len(lat)
         out["steady_p50_ms"] = percentile(lat, 50)
         out["steady_p99_ms"] = percentile(lat, 99)
         out["steady_mean_ms"] = statistics.fmean(lat) if lat else float("nan")
         out["steady_cpu_ms_per_cmd"] = cpu_ms
+        out["steady_sleeps_per_cmd"], out["steady_preempted_per_cmd"] = switches
         out["steady_load"] = os.getloadavg()[0]
         if bare is not None:
-            _lat, naive_ms = await steady(pub, state, note, pub.subject, bare.pid, steady_n, args.rate)
+            _lat, naive_ms, naive_switches = await steady(
+                pub, state, note, pub.subject, bare.pid, steady_n, args.rate
+            )
             out["naive_steady_cpu_ms_per_cmd"] = naive_ms
+            out["naive_steady_sleeps_per_cmd"] = naive_switches[0]
 
         stopping = time.monotonic()
         worker.terminate()
@@ -209,22 +226,42 @@ async def run(args: argparse.Namespace) -> None:
 
 async def steady(
     pub: Any, state: StubState, note: Any, subject: str, pid: int, n: int, rate: float
-) -> tuple[list[float], float]:
-    """n commands published one by one at ``rate``/s: publish→claim latencies (ms) and the
-    process's CPU ms per command."""
+) -> tuple[list[float], float, tuple[float, float]]:
+    """n commands published one by one at ``rate``/s: publish→claim latencies (ms), the
+    process's CPU ms per command, and its (voluntary, involuntary) context switches per command
+    (voluntary: times its threads went to sleep, each a wake-up the machine charges for)."""
     commands = enqueue(state, n)
     published_at: dict[str, float] = {}
     start = trio.current_time()
-    cpu0 = cpu_seconds(pid)
+    cpu0, switches0 = cpu_seconds(pid), context_switches(pid)
     for i, c in enumerate(commands):
         await trio.sleep_until(start + i / rate)
         published_at[f"/api/commands/{c.event_id}/claim"] = time.monotonic()
         await pub.publish(subject, note(c))
     await state.wait_terminal(commands, timeout=60)
-    cpu1 = cpu_seconds(pid)
+    cpu1, switches1 = cpu_seconds(pid), context_switches(pid)
     claims = {r.path: r.received_at for r in state.request_log if r.path in published_at}
     latencies = [1000 * (claims[p] - t) for p, t in published_at.items() if p in claims]
-    return latencies, 1000 * (cpu1 - cpu0) / n
+    return latencies, 1000 * (cpu1 - cpu0) / n, per_command(switches0, switches1, n)
+
+
+async def serial(
+    pub: Any, state: StubState, note: Any, subject: str, pid: int, n: int
+) -> tuple[float, tuple[float, float]]:
+    """n commands one at a time, each published once the one before is terminal: a command that
+    finds nothing to share its batches with, as a paced one, but without the idle gap before it.
+    CPU ms and (voluntary, involuntary) context switches per command."""
+    commands = enqueue(state, n)
+    cpu0, switches0 = cpu_seconds(pid), context_switches(pid)
+    for c in commands:
+        await pub.publish(subject, note(c))
+        await state.wait_terminal([c], timeout=60)
+    cpu1, switches1 = cpu_seconds(pid), context_switches(pid)
+    return 1000 * (cpu1 - cpu0) / n, per_command(switches0, switches1, n)
+
+
+def per_command(before: tuple[int, int], after: tuple[int, int], n: int) -> tuple[float, float]:
+    return (after[0] - before[0]) / n, (after[1] - before[1]) / n
 
 
 def partial_process(command: list[str], env: dict[str, str]) -> Any:
@@ -268,11 +305,23 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
             )
         print(line)
     print(f"    worker peak RSS {out['peak_rss_mib']:.1f} MiB")
+    serial_naive = out.get("naive_serial_cpu_ms_per_cmd")
     print(
-        f"(c) steady {args.rate:g} cmd/s x {out['steady_n']}: publish->claim p50 "
+        f"(c) one at a time x {out['serial_n']}: worker {out['serial_cpu_ms_per_cmd']:.2f} ms CPU/cmd, "
+        f"sleeps {out['serial_sleeps_per_cmd']:.2f} times per command"
+        + ("" if serial_naive is None else f"; naive loop {serial_naive:.2f} ms CPU/cmd")
+    )
+    print(
+        f"(d) steady {args.rate:g} cmd/s x {out['steady_n']}: publish->claim p50 "
         f"{out['steady_p50_ms']:.2f} ms, p99 {out['steady_p99_ms']:.2f} ms, mean "
         f"{out['steady_mean_ms']:.2f} ms; worker CPU {out['steady_cpu_ms_per_cmd']:.2f} ms/cmd "
         f"(load {out['steady_load']:.2f})"
+    )
+    sleeps_naive = out.get("naive_steady_sleeps_per_cmd")
+    print(
+        f"    worker sleeps {out['steady_sleeps_per_cmd']:.2f} times per command "
+        f"(preempted {out['steady_preempted_per_cmd']:.2f})"
+        + ("" if sleeps_naive is None else f"; naive loop {sleeps_naive:.2f}")
     )
     if "naive_steady_cpu_ms_per_cmd" in out:
         paced, burst = out["naive_steady_cpu_ms_per_cmd"], out["naive_cpu_ms_per_cmd"]

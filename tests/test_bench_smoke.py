@@ -40,6 +40,11 @@ async def test_every_benchmark_runs_and_reports_its_numbers() -> None:
     assert "over the machine's idle penalty" in out  # the paced row divided by it
     assert results["throughput"]["ratio_worker_over_naive"] > 0
     assert results["throughput"]["steady_n"] > 0
+    # a command published only after the one before it is done, or one every 200 ms, finds the
+    # worker asleep: it has to wake up for each, and the benchmark counts those wake-ups
+    assert results["throughput"]["serial_sleeps_per_cmd"] >= 1
+    assert results["throughput"]["steady_sleeps_per_cmd"] >= 1
+    assert "paced / one at a time: worker" in out and "paced / one at a time: naive loop" in out
     assert results["python"]["spaced"]["p50_ms"] > 0
     assert results["python"]["spaced"]["child_faults"] > 0  # every fresh child copies pages
     # the idle window read on the scheduler's clock too (0.5 s: the worker may not wake in it)
