@@ -19,7 +19,8 @@ Per worker and workload: wall time (execute → ``playbook.completed`` event), s
 (``call.done`` events / wall), claim→done p50/p95 per command from the server's own event
 timestamps (``command.claimed`` → ``call.done`` of the same command id), worker CPU ms per
 command (utime + stime of the worker's whole process group from /proc, children included — for
-ours that is the python fork server and a fresh child per step — and of the main process alone),
+ours that is the python fork server and a fresh child per step — and of the main process alone;
+for ours also the fork server's own CPU and page faults and its step children's, per command),
 and the worker's idle RSS and PSS (process group, after start-up and again after the workloads;
 PSS counts a page the fork server shares with its waiting children once, RSS once per process).
 """
@@ -114,6 +115,47 @@ def process_cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def fork_server_counters(worker_pid: int) -> dict[str, float] | None:
+    """Our python fork server (the worker's child running ``_pyrunner.py``): its own CPU seconds
+    and page faults, and those of the step children it has reaped; None when there is none
+    (noetl's worker, or ours before its first python step)."""
+    for pid, fields in processes():
+        if int(fields[1]) != worker_pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"_pyrunner.py" not in f.read():
+                    continue
+        except OSError:
+            continue
+        return {
+            "pid": pid,
+            "own_s": (int(fields[11]) + int(fields[12])) / TICK,
+            "children_s": (int(fields[13]) + int(fields[14])) / TICK,
+            "own_faults": int(fields[7]),
+            "children_faults": int(fields[8]),
+        }
+    return None
+
+
+def _split(
+    before: dict[str, float] | None, after: dict[str, float] | None, commands: int
+) -> dict[str, float]:
+    """Per command: the fork server's own CPU and faults, and its step children's."""
+    if before is None or after is None or before["pid"] != after["pid"] or not commands:
+        return {}  # no fork server, or it was restarted in between: nothing to split
+
+    def per(key: str, scale: float) -> float:
+        return round((after[key] - before[key]) * scale / commands, 2)
+
+    return {
+        "fork_server_cpu_ms_per_command": per("own_s", 1000),
+        "step_children_cpu_ms_per_command": per("children_s", 1000),
+        "fork_server_faults_per_command": per("own_faults", 1),
+        "step_child_faults_per_command": per("children_faults", 1),
+    }
+
+
 def _group_mib(pgid: int, per_process: Callable[[int], float]) -> float:
     total = 0.0
     for pid in group_pids(pgid):
@@ -171,11 +213,13 @@ def worker_proc(stack: Stack) -> Proc:
 def measure(stack: Stack, label: str, runs_fn: Any) -> dict[str, Any]:
     worker = worker_proc(stack)
     cpu0, own0 = group_cpu_seconds(worker.pid), process_cpu_seconds(worker.pid)
+    fork0 = fork_server_counters(worker.pid)
     started = time.monotonic()
     runs: list[Run] = runs_fn()
     wall = time.monotonic() - started
     cpu = group_cpu_seconds(worker.pid) - cpu0
     own = process_cpu_seconds(worker.pid) - own0
+    fork1 = fork_server_counters(worker.pid)
     commands = sum(r.count("call.done") + r.count("call.error") for r in runs)
     latencies = claim_to_done(runs)
     outcomes = sorted({str(r.terminal) for r in runs})
@@ -191,6 +235,8 @@ def measure(stack: Stack, label: str, runs_fn: Any) -> dict[str, Any]:
         "worker_cpu_ms_per_command": round(cpu * 1000 / commands, 2) if commands else None,
         # the worker's main process alone: ours without its python fork server and step children
         "worker_process_cpu_ms_per_command": round(own * 1000 / commands, 2) if commands else None,
+        # ours: the rest of the group, split into the fork server and the step children
+        **_split(fork0, fork1, commands),
     }
 
 

@@ -41,3 +41,9 @@ async def test_the_real_server_benchmark_runs_and_reports_both_workers() -> None
     ours = results["workers"]["ours"]["loop"]
     assert ours["worker_cpu_ms_per_command"] > ours["worker_process_cpu_ms_per_command"]
     assert "step isolation alone / a third of noetl's CPU" in out
+    # and that difference is split by process: every fork copies pages in the fork server, every
+    # fresh child copies pages of its own; noetl's worker has no fork server to split
+    for workload in ("loop", "concurrent"):
+        row = results["workers"]["ours"][workload]
+        assert row["fork_server_faults_per_command"] > 0 and row["step_child_faults_per_command"] > 0
+        assert "fork_server_cpu_ms_per_command" not in results["workers"]["noetl"][workload]
