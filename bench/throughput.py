@@ -194,7 +194,7 @@ async def run(args: argparse.Namespace) -> None:
             out["naive_serial_cpu_ms_per_cmd"], _ = await serial(pub, state, note, pub.subject, bare.pid, n)
 
         # (d) steady rate: the worker, then the naive loop (which batches nothing: its paced over
-        # its one-at-a-time figure is the machine's own price of the idle gap)
+        # its one-at-a-time figure is a second reading of what the idle gap costs)
         steady_n = max(1, int(args.rate * args.steady))
         lat, cpu_ms, switches = await steady(pub, state, note, WORKER_SUBJECT, pid, steady_n, args.rate)
         out["steady_n"] = len(lat)
