@@ -42,6 +42,19 @@ def processes() -> Iterator[tuple[int, list[str]]]:
                 continue
 
 
+def fork_servers(parent: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields) of each python fork server (``_pyrunner.py``) that ``parent`` started."""
+    for pid, fields in processes():
+        if int(fields[1]) != parent:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"_pyrunner" in f.read():
+                    yield pid, fields
+        except OSError:
+            continue
+
+
 def _status_mib(pid: int, key: str, file: str = "status") -> float:
     """A ``Key: <n> kB`` line of ``/proc/<pid>/<file>`` in MiB (NaN when the key is absent)."""
     with open(f"/proc/{pid}/{file}") as f:
@@ -70,17 +83,27 @@ def thread_runtimes(pid: int) -> dict[int, int]:
     scheduler's own clock, not the 10 ms ticks of ``stat``). Threads that exit while it reads
     are left out."""
     runtimes: dict[int, int] = {}
+    for tid, text in _thread_files(pid, "schedstat"):
+        try:
+            runtimes[tid] = int(text.split()[0])
+        except (ValueError, IndexError):
+            continue
+    return runtimes
+
+
+def _thread_files(pid: int, name: str) -> Iterator[tuple[int, str]]:
+    """(tid, text of ``/proc/<pid>/task/<tid>/<name>``) for each live thread; threads that exit
+    while it reads are left out."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return runtimes
+        return
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                runtimes[int(tid)] = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                yield int(tid), f.read()
+        except OSError:
             continue
-    return runtimes
 
 
 def context_switches(pid: int) -> tuple[int, int]:
@@ -88,20 +111,13 @@ def context_switches(pid: int) -> tuple[int, int]:
     voluntary one is the thread going to sleep (waiting for I/O or a timer), so per command it
     counts the wake-ups the command cost."""
     voluntary = involuntary = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0, 0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        voluntary += int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches:"):
-                        involuntary += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
+    for _tid, text in _thread_files(pid, "status"):
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key == "voluntary_ctxt_switches":
+                voluntary += int(value)
+            elif key == "nonvoluntary_ctxt_switches":
+                involuntary += int(value)
     return voluntary, involuntary
 
 

@@ -18,11 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import trio
-from procstat import TICK, processes
+from procstat import TICK, fork_servers
 
 from noetl_worker import templating
 from noetl_worker.config import Settings
@@ -41,31 +40,18 @@ def cold(n: int) -> float:
     return (time.perf_counter() - started) / n * 1000
 
 
-def fork_servers() -> Iterator[list[str]]:
-    """``/proc/<pid>/stat`` fields of each python fork server this process started."""
-    me = os.getpid()
-    for pid, fields in processes():
-        if int(fields[1]) != me:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"_pyrunner" in f.read():
-                    yield fields
-        except OSError:
-            continue
-
-
 def isolation_cpu_s(children: bool = True) -> float:
     """CPU of the fork servers this process started, their reaped children included: what the
     isolation (a fresh child per step) costs on top of the worker's own CPU."""
-    return sum(sum(int(x) for x in fields[11 : 15 if children else 13]) / TICK for fields in fork_servers())
+    servers = [fields for _pid, fields in fork_servers(os.getpid())]
+    return sum(sum(int(x) for x in fields[11 : 15 if children else 13]) / TICK for fields in servers)
 
 
 def isolation_faults() -> tuple[int, int]:
     """Minor page faults of the fork servers this process started: (their own, their reaped
     children's). Deterministic where CPU time is not: nearly all of them are copy-on-write
     copies, the price of a fresh child per step."""
-    servers = list(fork_servers())
+    servers = [fields for _pid, fields in fork_servers(os.getpid())]
     return sum(int(f[7]) for f in servers), sum(int(f[8]) for f in servers)  # minflt, cminflt
 
 

@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from procstat import TICK, cpu_seconds, processes, pss_mib, rss_mib  # noqa: E402
+from procstat import TICK, cpu_seconds, fork_servers, processes, pss_mib, rss_mib  # noqa: E402
 from tests.interop.harness import Proc, Run, Stack, event_result, open_stacks  # noqa: E402
 
 LOOP = """
@@ -119,23 +119,17 @@ def fork_server_counters(worker_pid: int) -> dict[str, float] | None:
     """Our python fork server (the worker's child running ``_pyrunner.py``): its own CPU seconds
     and page faults, and those of the step children it has reaped; None when there is none
     (noetl's worker, or ours before its first python step)."""
-    for pid, fields in processes():
-        if int(fields[1]) != worker_pid:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"_pyrunner.py" not in f.read():
-                    continue
-        except OSError:
-            continue
-        return {
-            "pid": pid,
-            "own_s": (int(fields[11]) + int(fields[12])) / TICK,
-            "children_s": (int(fields[13]) + int(fields[14])) / TICK,
-            "own_faults": int(fields[7]),
-            "children_faults": int(fields[8]),
-        }
-    return None
+    found = next(fork_servers(worker_pid), None)
+    if found is None:
+        return None
+    pid, fields = found
+    return {
+        "pid": pid,
+        "own_s": (int(fields[11]) + int(fields[12])) / TICK,
+        "children_s": (int(fields[13]) + int(fields[14])) / TICK,
+        "own_faults": int(fields[7]),
+        "children_faults": int(fields[8]),
+    }
 
 
 def _split(
